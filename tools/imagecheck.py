@@ -1,0 +1,67 @@
+"""Validate one input image and decide what goes into the shard.
+
+An RGB JPEG that decodes completely is stored byte for byte (re-encoding would cost quality and
+time for nothing). Everything else a decoder downstream might trip over (PNG, CMYK, grayscale,
+16-bit, palette, EXIF-rotated, other formats) becomes an RGB JPEG at quality 95. Empty, truncated,
+corrupt and non-image inputs raise BadImage with the reason that goes into the report.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+QUALITY = 95
+EXIF_ORIENTATION = 0x0112
+
+
+class BadImage(ValueError):
+    """An input that cannot be stored; str(e) is the reason written to report.json."""
+
+
+@dataclass(frozen=True)
+class Checked:
+    data: bytes          # what goes into KEY.jpg
+    width: int           # of the source image, as stored in the file
+    height: int
+    converted: bool      # re-encoded (format/mode/orientation) or downscaled
+    why: str             # what conversion happened, '' if stored as is
+
+
+def check_image(raw: bytes, *, max_side: int | None = None) -> Checked:
+    if not raw:
+        raise BadImage("empty file")
+    try:
+        im = Image.open(io.BytesIO(raw))
+        fmt = im.format
+        im.load()   # full decode: Image.open alone does not notice truncation
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognized format)") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large to decode safely: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"corrupt or truncated {fmt or 'image'}: {e}") from None
+    width, height = im.size
+    rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+    too_big = max_side is not None and max(width, height) > max_side
+    reasons = [r for r, bad in (
+        (f"format {fmt}", fmt != "JPEG"), (f"mode {im.mode}", im.mode != "RGB"),
+        ("EXIF orientation", rotated), (f"larger than {max_side} px", too_big)) if bad]
+    if not reasons:
+        return Checked(raw, width, height, False, "")
+    im = _to_rgb(ImageOps.exif_transpose(im) if rotated else im)
+    if too_big:
+        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=QUALITY)
+    return Checked(out.getvalue(), width, height, True, ", ".join(reasons))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's convert('RGB') clips 16-bit values at 255; scale to 8 bit first
+        a = np.asarray(im, dtype=np.int64)
+        im = Image.fromarray((a >> 8 if a.max() > 255 else a).clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
