@@ -33,6 +33,7 @@ class Checked:
 def check_image(raw: bytes, *, max_side: int | None = None) -> Checked:
     if not raw:
         raise BadImage("empty file")
+    fmt = None
     try:
         im = Image.open(io.BytesIO(raw))
         fmt = im.format
@@ -41,8 +42,8 @@ def check_image(raw: bytes, *, max_side: int | None = None) -> Checked:
         raise BadImage("not an image (unrecognized format)") from None
     except Image.DecompressionBombError as e:
         raise BadImage(f"too large to decode safely: {e}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise BadImage(f"corrupt or truncated {fmt or 'image'}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - hostile files make PIL raise anything (struct.error, ...)
+        raise BadImage(f"corrupt or truncated {fmt or 'image'}: {type(e).__name__}: {e}") from None
     width, height = im.size
     rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
     too_big = max_side is not None and max(width, height) > max_side

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import multiprocessing
+import re
 import shutil
 import sys
 import time
@@ -193,7 +194,8 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
     out = Path(out)
     progress = sys.stderr.isatty() if progress is None else progress
     part = out / PARTIAL
-    job = {"config": asdict(cfg), "classes": list(classes),
+    # workers change speed, not output: resuming with another count is fine
+    job = {"config": {k: v for k, v in asdict(cfg).items() if k != "workers"}, "classes": list(classes),
            "inputs": hashlib.sha1("\n".join(f"{i.relpath}\t{i.label}" for i in items).encode()).hexdigest()}
     _prepare_out(out, part, job, cfg, resume)
     if (out / MANIFEST).exists():   # resumed after the last step: nothing to do
@@ -324,11 +326,10 @@ def summary(report: dict, out: Path) -> str:
 def parse_size(s: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    num = s.strip().upper().rstrip("BTGMKI ") or "0"
-    unit = s.strip().upper()[len(num):].strip()
-    if unit not in units or float(num) <= 0:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", s)
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
         raise ValueError(f"bad size {s!r}: use e.g. 500MB, 1GB, 2GiB")
-    return int(float(num) * units[unit])
+    return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
 def add_arguments(p) -> None:
