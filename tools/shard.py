@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -134,7 +135,7 @@ def check_item(item, *, max_side: int | None) -> dict:
 
 def _parts(item, rec: dict, max_side: int | None) -> dict[str, bytes]:
     raw, _ = item.read()
-    data = check_image(raw, max_side=max_side).data
+    data = check_image(raw, max_side=max_side).data if rec["converted"] else raw
     if len(data) != rec["size"] or zlib.crc32(data) != rec["crc"]:
         raise ShardError(f"{item.relpath}: input changed since it was checked; run again")
     return {"cls": str(item.label).encode(), "jpg": data, "json": rec["meta"].encode()}
@@ -201,16 +202,16 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
     if (out / MANIFEST).exists():   # resumed after the last step: nothing to do
         return json.loads((out / "report.json").read_text())
 
-    records = _check_all(items, part / "checked.jsonl", cfg, progress)
-    ok = [i for i, r in enumerate(records) if r["ok"]]
-    written = [records[i] for i in ok]
-    if len(set(sample_key(items[i].relpath) for i in ok)) != len(ok):
-        raise ShardError("two inputs hash to the same key; rename one (this should never happen)")
-    shards = layout_shards(written, cfg)
-    width = max(6, len(str(len(shards) - 1)))
-    tars = [out / f"{cfg.name}-{s:0{width}d}.tar" for s in range(len(shards))]
-    entries = _write_all(shards, tars, ok, items, written, cfg, progress)
-
+    with _pool(cfg.workers) as pool:
+        records = _check_all(items, part / "checked.jsonl", cfg, pool, progress)
+        ok = [i for i, r in enumerate(records) if r["ok"]]
+        written = [records[i] for i in ok]
+        if len(set(sample_key(items[i].relpath) for i in ok)) != len(ok):
+            raise ShardError("two inputs hash to the same key; rename one (this should never happen)")
+        shards = layout_shards(written, cfg)
+        width = max(6, len(str(len(shards) - 1)))
+        tars = [out / f"{cfg.name}-{s:0{width}d}.tar" for s in range(len(shards))]
+        entries = _write_all(shards, tars, ok, items, written, cfg, pool, progress)
     table = np.zeros(len(written), SAMPLE_DTYPE)
     for s, (ids, ents) in enumerate(zip(shards, entries)):
         comp = [{c[0]: c for c in bundle} for bundle in ents]
@@ -263,7 +264,7 @@ def _prepare_out(out: Path, part: Path, job: dict, cfg: ShardConfig, resume: boo
     (part / "job.json").write_text(json.dumps(job))
 
 
-def _check_all(items, journal: Path, cfg: ShardConfig, progress: bool) -> list[dict]:
+def _check_all(items, journal: Path, cfg: ShardConfig, pool, progress: bool) -> list[dict]:
     records, good = [], 0
     if journal.exists():   # keep the complete prefix; a torn last line is simply checked again
         for line in journal.read_bytes().splitlines(keepends=True):
@@ -279,14 +280,14 @@ def _check_all(items, journal: Path, cfg: ShardConfig, progress: bool) -> list[d
     fn = partial(check_item, max_side=cfg.max_side)
     with open(journal, "a") as f, tqdm(total=len(items), initial=len(records), unit="img",
                                        desc="check", disable=not progress) as bar:
-        for r in _map(fn, items[len(records):], cfg.workers, ordered=True):
+        for r in _map(pool, fn, items[len(records):], ordered=True):
             f.write(json.dumps(r) + "\n")
             records.append(r)
             bar.update()
     return records
 
 
-def _write_all(shards, tars, ok, items, written, cfg: ShardConfig, progress: bool) -> list:
+def _write_all(shards, tars, ok, items, written, cfg: ShardConfig, pool, progress: bool) -> list:
     entries: list = [None] * len(shards)
     tasks = []
     for s, (ids, tar) in enumerate(zip(shards, tars)):
@@ -299,20 +300,28 @@ def _write_all(shards, tars, ok, items, written, cfg: ShardConfig, progress: boo
     fn = partial(write_one, max_side=cfg.max_side)
     with tqdm(total=len(shards), initial=len(shards) - len(tasks), unit="shard", desc="write",
               disable=not progress) as bar:
-        for s, ents in _map(fn, tasks, cfg.workers, ordered=False):
+        for s, ents in _map(pool, fn, tasks, ordered=False):
             entries[s] = ents
             bar.update()
     return entries
 
 
-def _map(fn, tasks, workers: int, *, ordered: bool):
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(fn, tasks)
+@contextmanager
+def _pool(workers: int):
+    """One worker pool for both passes (None: work in this process)."""
+    if workers <= 1:
+        yield None
         return
     # spawn, not fork: callers (tests, the trainer) may hold DALI/torch threads a fork would copy
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        chunk = max(1, min(64, len(tasks) // (8 * workers)))
-        yield from (pool.imap if ordered else pool.imap_unordered)(fn, tasks, chunksize=chunk)
+        yield pool
+
+
+def _map(pool, fn, tasks, *, ordered: bool):
+    if pool is None or len(tasks) <= 1:
+        return map(fn, tasks)
+    chunk = max(1, min(64, len(tasks) // 16))   # a few chunks per worker keeps both busy
+    return (pool.imap if ordered else pool.imap_unordered)(fn, tasks, chunksize=chunk)
 
 
 def summary(report: dict, out: Path) -> str:
