@@ -33,6 +33,8 @@ SAMPLE_DTYPE = np.dtype([
     ("meta_offset", "<u8"),  # KEY.json data
     ("meta_size", "<u4"),
     ("label", "<i4"),        # -1 for unlabeled inputs
+    ("width", "<u4"),        # of the stored JPEG (the plan draws crop boxes in these pixels)
+    ("height", "<u4"),
 ])
 
 

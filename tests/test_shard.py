@@ -67,6 +67,7 @@ def test_webdataset_library_reads_every_sample(sharded):
         meta = json.loads(s["json"])
         assert int(s["cls"]) == m.table["label"][i] == m.classes.index(meta["class"])
         assert s["jpg"] == read_member(m, m.table["shard"][i], m.table["offset"][i], m.table["size"][i])
+        assert Image.open(io.BytesIO(s["jpg"])).size == (m.table["width"][i], m.table["height"][i])
         raw = (src / meta["source"]).read_bytes()
         if outcome[meta["source"]] == "as_is":
             assert s["jpg"] == raw, f"{meta['source']} was re-encoded"

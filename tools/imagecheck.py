@@ -26,6 +26,7 @@ class Checked:
     data: bytes          # what goes into KEY.jpg
     width: int           # of the source image, as stored in the file
     height: int
+    stored: tuple[int, int]   # (width, height) of `data`
     converted: bool      # re-encoded (format/mode/orientation) or downscaled
     why: str             # what conversion happened, '' if stored as is
 
@@ -54,13 +55,13 @@ def check_image(raw: bytes, *, max_side: int | None = None) -> Checked:
     except Exception as e:  # noqa: BLE001 - hostile files make PIL raise anything (struct.error, ...)
         raise BadImage(f"corrupt or truncated {fmt or 'image'}: {type(e).__name__}: {e}") from None
     if not reasons:
-        return Checked(raw, width, height, False, "")
+        return Checked(raw, width, height, (width, height), False, "")
     im = _to_rgb(ImageOps.exif_transpose(im) if rotated else im)
     if too_big:
         im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=QUALITY)
-    return Checked(out.getvalue(), width, height, True, ", ".join(reasons))
+    return Checked(out.getvalue(), width, height, im.size, True, ", ".join(reasons))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

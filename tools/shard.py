@@ -129,7 +129,8 @@ def check_item(item, *, max_side: int | None) -> dict:
         return {"ok": False, "reason": f"unreadable: {e.strerror or e}"}
     meta = {"class": item.class_name, "label": item.label, "source": item.relpath,
             "width": c.width, "height": c.height, **extra}
-    return {"ok": True, "label": item.label, "converted": c.converted, "why": c.why, "size": len(c.data),
+    return {"ok": True, "label": item.label, "converted": c.converted, "why": c.why,
+            "size": len(c.data), "stored": list(c.stored),
             "crc": zlib.crc32(c.data), "meta": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
 
 
@@ -222,6 +223,7 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
         table["meta_size"][ids] = [c["json"][2] for c in comp]
     table["key"] = [sample_key(items[i].relpath).encode() for i in ok]
     table["label"] = [items[i].label for i in ok]
+    table["width"], table["height"] = np.array([r["stored"] for r in written]).reshape(-1, 2).T
     shard_list = [Shard(t.name, t.with_suffix(".idx").name, len(ids), t.stat().st_size)
                   for t, ids in zip(tars, shards)]
     report = {
