@@ -75,3 +75,18 @@ def _write(path: Path, data: bytes) -> None:
 def image_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     return root, make_image_folder(root)
+
+
+def build_sample(out: Path, n: int = 120, size: int = 64, per_shard: int = 30, seed: int = 0) -> Path:
+    from tools.sample import CLASSES, SampleItem
+    from tools.shard import ShardConfig, shard_items
+    items = [SampleItem(seed, i, size) for i in range(n)]
+    shard_items(items, CLASSES, out, ShardConfig(name="sample", shard_bytes=None,
+                                                 samples_per_shard=per_shard, seed=seed), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_ds(tmp_path_factory):
+    """A small sample dataset (120 images, 64 px, 4 shards), shared read-only by tests."""
+    return build_sample(tmp_path_factory.mktemp("sample"))
