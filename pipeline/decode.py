@@ -45,8 +45,10 @@ class PilDecoder:
         self.size, self.color_views = img_size, set(color_views)
 
     def decode_one(self, data: np.ndarray, box, flip: bool) -> np.ndarray:
-        im = Image.open(io.BytesIO(data.tobytes() if isinstance(data, np.ndarray) else data))
-        im = im.convert("RGB")
+        try:
+            im = Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise DecodeError(f"{type(e).__name__}: {e}") from e
         x, y, w, h = (int(v) for v in box)
         im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
         if flip:
@@ -111,9 +113,9 @@ class DaliDecoder:
             self.pipe.feed_input(f"flip{i}", v.flip.astype(np.int32))
         try:
             outs = self.pipe.run()
-        except RuntimeError:
+        except RuntimeError as e:
             self.pipe = self._build()   # a failed run leaves the pipeline unusable
-            raise
+            raise DecodeError(str(e)) from e
         device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
         result = []
         for i, (out, v) in enumerate(zip(outs, views)):

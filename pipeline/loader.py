@@ -101,7 +101,7 @@ class Loader:
             try:
                 views = self.decoder.decode(encoded, pb.views)
                 break
-            except RuntimeError as e:
+            except DecodeError as e:   # find the culprit(s): the decoder may not say which
                 bad = [j for j, data in enumerate(encoded) if check_decodable(data)]
                 if not bad:
                     raise DecodeError(f"rank {pb.rank}: epoch {pb.epoch} step {pb.step}: decoder "

@@ -8,6 +8,8 @@ import json
 # stage -> module with add_arguments(p) and run(args) -> dict of results
 STAGES = {
     "shard": "tools.bench_shard",
+    "teacher": "tools.bench_teacher",
+    "loader": "tools.bench_loader",
 }
 
 

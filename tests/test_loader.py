@@ -1,0 +1,155 @@
+"""The loader: DALI (CPU) vs PIL agreement, identical pixels across processes and thread counts,
+resume, corrupt and truncated data."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from pipeline.color import color_augment, gaussian_blur
+from pipeline.decode import DecodeError
+from pipeline.loader import Loader
+from pipeline.manifest import load_manifest
+from pipeline.plan import PlanConfig, ViewConfig
+from pipeline.reader import ReadError, ShardReader
+
+CFG = PlanConfig(seed=2, batch_size=16, img_size=48, views=(ViewConfig(), ViewConfig(crop="src", color=True)))
+
+
+@pytest.fixture(scope="module")
+def m(sample_ds):
+    return load_manifest(sample_ds)
+
+
+def batches(m, cfg=CFG, epoch=0, start=0, **kw):
+    loader = Loader(m, cfg, **kw)
+    try:
+        return list(loader.epoch(epoch, start))
+    finally:
+        loader.close()
+
+
+def test_dali_and_pil_agree_on_the_same_crops(m):
+    for a, b in zip(batches(m, decoder="dali"), batches(m, decoder="pil")):
+        assert torch.equal(a.sample_ids, b.sample_ids)
+        for x, y in ((a.images, b.images), (a.view2, b.view2)):
+            assert x.shape == y.shape == (16, 3, 48, 48)
+            mad = (x - y).abs().mean().item()
+            assert mad < 0.02, f"epoch 0 step {a.step}: mean |DALI - PIL| = {mad:.4f} (normalized units)"
+
+
+def test_batches_carry_plan_ids_labels_and_padding(m):
+    out = batches(m, epoch=1)
+    assert [b.step for b in out] == list(range(8))           # ceil(120 / 16)
+    ids = torch.cat([b.sample_ids[b.valid] for b in out])
+    assert sorted(ids.tolist()) == list(range(len(m)))
+    assert int(sum((~b.valid).sum() for b in out)) == 8 * 16 - 120
+    for b in out:
+        assert torch.equal(b.labels, torch.from_numpy(m.table["label"][b.sample_ids.numpy()]).long())
+        assert b.read_s >= 0 and b.decode_s > 0
+
+
+def test_resume_from_cursor_gives_the_same_images(m):
+    full, rest = batches(m, epoch=3), batches(m, epoch=3, start=5)
+    assert [b.step for b in rest] == [5, 6, 7]
+    for a, b in zip(full[5:], rest):
+        assert torch.equal(a.images, b.images) and torch.equal(a.view2, b.view2)
+
+
+def test_thread_count_does_not_change_pixels(m):
+    for a, b in zip(batches(m, threads=1), batches(m, threads=2)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.view2, b.view2)
+
+
+CHILD = """
+import sys, numpy as np
+from pipeline.loader import Loader
+from pipeline.manifest import load_manifest
+from tests.test_loader import CFG
+loader = Loader(load_manifest(sys.argv[1]), CFG, threads=1)
+b = next(iter(loader.epoch(2, 4)))
+np.save(sys.argv[2], np.concatenate([b.images.numpy(), b.view2.numpy()]))
+np.save(sys.argv[3], b.sample_ids.numpy())
+"""
+
+
+def test_another_process_decodes_identical_pixels(m, sample_ds, tmp_path):
+    """What the mask server relies on: batch (epoch, step) is the same tensor in every process."""
+    subprocess.run([sys.executable, "-c", CHILD, str(sample_ds), str(tmp_path / "x.npy"),
+                    str(tmp_path / "ids.npy")], check=True, capture_output=True)
+    b = batches(m, epoch=2, start=4)[0]
+    assert np.array_equal(np.load(tmp_path / "ids.npy"), b.sample_ids.numpy())
+    assert np.array_equal(np.load(tmp_path / "x.npy"), np.concatenate([b.images.numpy(), b.view2.numpy()]))
+
+
+@pytest.fixture
+def damaged(sample_ds, tmp_path):
+    """A copy of the dataset whose sample 7 no longer starts with a JPEG header (same size, so
+    the manifest still verifies: damage that only decoding reveals)."""
+    shutil.copytree(sample_ds, tmp_path / "ds")
+    m = load_manifest(tmp_path / "ds")
+    with open(m.shard_path(m.table["shard"][7]), "r+b") as f:
+        f.seek(int(m.table["offset"][7]))
+        f.write(b"\0" * 64)
+    return m
+
+
+def test_corrupt_sample_raises_naming_shard_and_key(damaged):
+    with pytest.raises(DecodeError, match=rf"sample-00000\d\.tar: sample '{damaged.key(7)}': cannot decode"):
+        batches(damaged, epoch=0)
+
+
+def test_corrupt_sample_skipped_is_replaced_the_same_way_everywhere(damaged):
+    runs = [batches(damaged, epoch=0, on_error="skip", decoder=d) for d in ("dali", "pil", "dali")]
+    for run in runs:
+        ids = torch.cat([b.sample_ids for b in run]).tolist()
+        assert 7 not in ids and ids.count(8) >= 2 and sum(b.replaced for b in run) == 1
+    assert all(torch.equal(a.sample_ids, b.sample_ids) for a, b in zip(runs[0], runs[2]))
+    assert all(torch.equal(a.images, b.images) for a, b in zip(runs[0], runs[2]))
+
+
+def test_truncated_shard_read_names_shard_and_key(sample_ds, tmp_path):
+    shutil.copytree(sample_ds, tmp_path / "ds")
+    m = load_manifest(tmp_path / "ds")
+    last = int(np.argmax(m.table["offset"] * (m.table["shard"] == 0)))
+    with open(m.shard_path(0), "r+b") as f:
+        f.truncate(int(m.table["offset"][last]) + 10)
+    with ShardReader(load_manifest(tmp_path / "ds", verify=False)) as r:
+        with pytest.raises(ReadError, match=rf"sample-000000\.tar: sample '{m.key(last)}': truncated shard"):
+            r.read([last])
+    (m.shard_path(1)).unlink()
+    with ShardReader(load_manifest(tmp_path / "ds", verify=False)) as r:
+        with pytest.raises(ReadError, match=r"sample-000001\.tar: cannot open shard"):
+            r.read(np.flatnonzero(m.table["shard"] == 1)[:1])
+
+
+def test_color_augment_matches_torchvision_per_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 24, generator=g)
+    p = torch.tensor([[1, 1.3, 0.7, 1.1, 0.05, 0, 0.5], [1, 0.8, 1.2, 0.9, -0.08, 1, 0.5],
+                      [1, 1.0, 1.0, 1.0, 0.0, 2, 1.5], [0, 1, 1, 1, 0, 2, 0.3],
+                      [1, 1.1, 0.9, 0.0, 0.1, 1, 1.0], [1, 0.6, 1.4, 1.2, -0.1, 2, 2.0]])
+    got = color_augment(x, p)
+    for i in range(6):
+        b, c, s, h, op, sigma = p[i, 1:].tolist()
+        y = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b), c), s), h)
+        if op == 0:
+            y = TF.rgb_to_grayscale(y, 3)
+        elif op == 1:
+            y = TF.solarize(y, 0.5)
+        else:
+            r = int(np.ceil(3 * float(p[:, 6].max())))
+            y = TF.gaussian_blur(y, [2 * r + 1] * 2, [sigma, sigma])
+        assert torch.allclose(got[i], y, atol=2e-5), f"image {i}: max diff {(got[i] - y).abs().max():.2e}"
+
+
+def test_gaussian_blur_per_image_sigma():
+    x = torch.rand(2, 3, 16, 16)
+    y = gaussian_blur(x, torch.tensor([0.5, 2.0]))
+    for i, s in enumerate((0.5, 2.0)):
+        assert torch.allclose(y[i], TF.gaussian_blur(x[i], [13, 13], [s, s]), atol=1e-5)

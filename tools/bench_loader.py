@@ -1,0 +1,112 @@
+"""loader throughput: our plan + DALI loader vs webdataset + DataLoader + PIL/torchvision.
+
+On ImageNet-sized JPEGs (generated ~512x384 when no SHARDS are given), 224 px output, MAE's
+RandomResizedCrop + flip + normalize, the same number of cores on both sides: DALI with N
+threads vs a DataLoader with N worker processes."""
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def add_arguments(p) -> None:
+    p.add_argument("shards", nargs="?", type=Path, help="dataset folder (default: generate one)")
+    p.add_argument("--n", type=int, default=640, help="images to generate (default 640)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    p.add_argument("--batches", type=int, default=8, help="timed batches per contender")
+
+
+class PhotoItem:
+    """A photo-like JPEG (smooth structure + grain; ~50 KB at 512x384), deterministic from index."""
+
+    def __init__(self, index: int):
+        self.index, self.label, self.class_name = index, index % 10, f"c{index % 10}"
+        self.relpath = f"photo-{index:06d}.jpg"
+
+    def read(self):
+        rng = np.random.default_rng(self.index)
+        small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+        a = np.asarray(small.resize((512, 384), Image.Resampling.BICUBIC), np.float32)
+        a = np.clip(a + rng.normal(0, 6, a.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=90)
+        return buf.getvalue(), {}
+
+    def __reduce__(self):
+        return PhotoItem, (self.index,)
+
+
+def make_photos(out: Path, n: int) -> Path:
+    from tools.shard import ShardConfig, shard_items
+    shard_items([PhotoItem(i) for i in range(n)], [f"c{i}" for i in range(10)], out,
+                ShardConfig(name="photo", shard_bytes=None, samples_per_shard=128, workers=2),
+                progress=False)
+    return out
+
+
+def _timed(batches, n_batches: int, batch_size: int) -> float:
+    it = iter(batches)
+    next(it)   # start-up (worker spawn, pipeline build) is not throughput
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it)
+    return n_batches * batch_size / (time.perf_counter() - t0)
+
+
+def ours(m, args, decoder: str) -> float:
+    from pipeline.loader import Loader
+    from pipeline.plan import PlanConfig
+    cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=args.img_size)
+    loader = Loader(m, cfg, decoder=decoder, threads=args.threads)
+    try:
+        return _timed((b for e in range(100) for b in loader.epoch(e)), args.batches, args.batch_size)
+    finally:
+        loader.close()
+
+
+def baseline(m, args) -> float:
+    import torchvision.transforms as T
+    import webdataset as wds
+    tf = T.Compose([T.RandomResizedCrop(args.img_size, scale=(0.2, 1.0),
+                                        interpolation=T.InterpolationMode.BICUBIC),
+                    T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    urls = [str(m.shard_path(i)) for i in range(len(m.shards))]
+    ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
+          .repeat().decode("pil").to_tuple("jpg", "cls").map_tuple(tf, int))
+    dl = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.threads)
+    return _timed(dl, args.batches, args.batch_size)
+
+
+def run(args) -> dict:
+    from pipeline.manifest import load_manifest
+    torch.set_num_threads(1)   # the decoders own the cores, not intra-op torch
+    with tempfile.TemporaryDirectory(prefix="mimpipe-bench-") as tmp:
+        m = load_manifest(args.shards or make_photos(Path(tmp) / "photos", args.n))
+        size = float(np.mean(m.table["size"])) / 1e3
+        res = {"images": len(m), "mean_kb": round(size, 1), "threads": args.threads,
+               "img_size": args.img_size, "batch_size": args.batch_size,
+               "ours_img_s": round(ours(m, args, "dali"), 1),
+               "pil_fallback_img_s": round(ours(m, args, "pil"), 1),
+               "baseline_img_s": round(baseline(m, args), 1)}
+    res["ratio"] = round(res["ours_img_s"] / res["baseline_img_s"], 3)
+    return res
+
+
+def table(r: dict) -> str:
+    return "\n".join([
+        f"loader bench: {r['images']} JPEGs (mean {r['mean_kb']} KB), {r['img_size']} px output, "
+        f"batch {r['batch_size']}, {r['threads']} threads / workers",
+        f"{'path':<52}{'images/s':>10}{'vs baseline':>13}",
+        f"{'webdataset + DataLoader + PIL/torchvision (baseline)':<52}{r['baseline_img_s']:>10.0f}{1:>12.2f}x",
+        f"{'mimpipe Loader, PIL fallback decoder':<52}{r['pil_fallback_img_s']:>10.0f}"
+        f"{r['pil_fallback_img_s'] / r['baseline_img_s']:>12.2f}x",
+        f"{'mimpipe Loader, DALI (CPU here)':<52}{r['ours_img_s']:>10.0f}{r['ratio']:>12.2f}x"])
