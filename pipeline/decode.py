@@ -2,7 +2,7 @@
 
 DaliDecoder is the graph: external_source (bytes, box, flip) -> ROI decode (only the crop's
 blocks are decoded; 'mixed' = nvJPEG on a GPU, libjpeg-turbo on the CPU with device_id=None)
--> bicubic resize to the model size (MAE's RRC interpolation) -> mirror -> normalize -> CHW.
+-> resize to the model size (bicubic as MAE's RRC, or bilinear) -> mirror -> normalize -> CHW.
 PilDecoder applies the same boxes with PIL: the fallback where DALI has no wheel, and the
 benchmark baseline. Both produce the same pixels up to decoder rounding (tested).
 
@@ -12,6 +12,7 @@ so both decoders share one implementation of it.
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,10 +40,13 @@ def finish(x01: torch.Tensor, color: np.ndarray | None) -> torch.Tensor:
 
 
 class PilDecoder:
-    """One image at a time with PIL; `decode` returns [B, 3, S, S] float32."""
+    """PIL on a thread pool (PIL releases the GIL while decoding and resizing)."""
 
-    def __init__(self, img_size: int, n_views: int = 1, color_views=(), **_):
+    def __init__(self, img_size: int, n_views: int = 1, color_views=(), *, threads: int = 2,
+                 interpolation: str = "bicubic", **_):
         self.size, self.color_views = img_size, set(color_views)
+        self.resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="mimpipe-pil")
 
     def decode_one(self, data: np.ndarray, box, flip: bool) -> np.ndarray:
         try:
@@ -50,7 +54,7 @@ class PilDecoder:
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
             raise DecodeError(f"{type(e).__name__}: {e}") from e
         x, y, w, h = (int(v) for v in box)
-        im = im.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
+        im = im.resize((self.size, self.size), self.resample, box=(x, y, x + w, y + h))
         if flip:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(im)
@@ -58,7 +62,7 @@ class PilDecoder:
     def decode(self, encoded: list[np.ndarray], views) -> list[torch.Tensor]:
         out = []
         for i, v in enumerate(views):
-            arr = np.stack([self.decode_one(e, b, f) for e, b, f in zip(encoded, v.crop, v.flip)])
+            arr = np.stack(list(self.pool.map(self.decode_one, encoded, v.crop, v.flip)))
             x01 = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255)
             out.append(finish(x01, v.color) if i in self.color_views else normalize(x01))
         return out
@@ -68,8 +72,10 @@ class DaliDecoder:
     """A DALI pipeline fed by external_source; one graph decodes all views of a batch."""
 
     def __init__(self, img_size: int, n_views: int = 1, color_views=(), *, batch_size: int,
-                 threads: int = 2, device: str = "auto", device_id: int | None = None):
+                 threads: int = 2, interpolation: str = "bicubic", device: str = "auto",
+                 device_id: int | None = None):
         self.size, self.n_views, self.color_views = img_size, n_views, set(color_views)
+        self.interpolation = interpolation
         gpu = torch.cuda.is_available() if device == "auto" else device == "gpu"
         self.device_id = (device_id if device_id is not None else torch.cuda.current_device()) if gpu else None
         self.batch_size, self.threads = batch_size, threads
@@ -92,7 +98,8 @@ class DaliDecoder:
                     normalized_shape=False, output_type=types.RGB,
                     device="mixed" if self.device_id is not None else "cpu")
                 img = fn.resize(img, resize_x=self.size, resize_y=self.size,
-                                interp_type=types.INTERP_CUBIC, antialias=True)
+                                interp_type=types.INTERP_CUBIC if self.interpolation == "bicubic"
+                                else types.INTERP_LINEAR, antialias=True)
                 raw = v in self.color_views   # color is applied later in torch, on [0, 1]
                 outs.append(fn.crop_mirror_normalize(
                     img, mirror=flip, dtype=types.FLOAT, output_layout="CHW",

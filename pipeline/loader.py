@@ -48,8 +48,9 @@ class Loader:
         color = [i for i, v in enumerate(cfg.views) if v.color]
         self.decoder = make_decoder(decoder, img_size=cfg.img_size, n_views=len(cfg.views),
                                     color_views=color, batch_size=cfg.batch_size, threads=threads,
-                                    device=device)
+                                    interpolation=cfg.interpolation, device=device)
         self.replaced = 0
+        self._running: set = set()   # producers of unfinished epoch() iterators
 
     @property
     def steps(self) -> int:
@@ -62,18 +63,24 @@ class Loader:
         t = threading.Thread(target=self._produce, args=(epoch, start_step, q, stop),
                              name=f"mimpipe-loader-r{self.plan.rank}", daemon=True)
         t.start()
+        self._running.add((stop, t, q))
         try:
             while (item := q.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            stop.set()
-            while t.is_alive():   # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(0.01)
+            self._halt((stop, t, q))
+
+    def _halt(self, producer) -> None:
+        stop, t, q = producer
+        stop.set()
+        while t.is_alive():   # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.01)
+        self._running.discard(producer)
 
     def _produce(self, epoch: int, start: int, q: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -135,4 +142,8 @@ class Loader:
         raise DecodeError(f"{self.m.root}: no sample decodes")
 
     def close(self) -> None:
+        """Stop producers of iterators not run to the end (a thread left inside DALI at exit
+        aborts the interpreter), then close the shards."""
+        for producer in list(self._running):
+            self._halt(producer)
         self.reader.close()
