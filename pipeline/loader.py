@@ -3,6 +3,10 @@
 A background thread runs ahead by `prefetch` batches; the reads of batch k+1 are in flight while
 batch k decodes. Each Batch carries its (epoch, step), sample ids and the time it spent waiting
 for bytes and decoding, for profiling.
+
+Image tensors are recycled, as with DALIGenericIterator, but one batch later: batch k stays valid
+while batch k+1 is taken and used (the "prefetch the next batch during this step" pattern), and is
+overwritten after that. `.clone()` (or move to the GPU) what must live longer.
 """
 from __future__ import annotations
 
@@ -48,7 +52,8 @@ class Loader:
         color = [i for i, v in enumerate(cfg.views) if v.color]
         self.decoder = make_decoder(decoder, img_size=cfg.img_size, n_views=len(cfg.views),
                                     color_views=color, batch_size=cfg.batch_size, threads=threads,
-                                    interpolation=cfg.interpolation, device=device)
+                                    interpolation=cfg.interpolation, device=device,
+                                    buffers=prefetch + 3)   # see the module docstring
         self.replaced = 0
         self._running: set = set()   # producers of unfinished epoch() iterators
 

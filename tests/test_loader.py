@@ -3,8 +3,10 @@ resume, corrupt and truncated data."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,9 +29,10 @@ def m(sample_ds):
 
 
 def batches(m, cfg=CFG, epoch=0, start=0, **kw):
+    """All batches of an epoch, images cloned (the loader recycles its output tensors)."""
     loader = Loader(m, cfg, **kw)
     try:
-        return list(loader.epoch(epoch, start))
+        return [replace(b, images=b.images.clone(), view2=b.view2.clone()) for b in loader.epoch(epoch, start)]
     finally:
         loader.close()
 
@@ -59,6 +62,18 @@ def test_resume_from_cursor_gives_the_same_images(m):
     assert [b.step for b in rest] == [5, 6, 7]
     for a, b in zip(full[5:], rest):
         assert torch.equal(a.images, b.images) and torch.equal(a.view2, b.view2)
+
+
+def test_a_batch_stays_valid_while_the_next_is_used(m):
+    loader = Loader(m, CFG, prefetch=2)
+    it = loader.epoch(0)
+    prev = next(it)
+    prev_copy = prev.images.clone()
+    for b in it:
+        time.sleep(0.15)   # a slow consumer: the producer runs as far ahead as it may
+        assert torch.equal(prev.images, prev_copy), f"batch {prev.step} overwritten at {b.step}"
+        prev, prev_copy = b, b.images.clone()
+    loader.close()
 
 
 def test_thread_count_does_not_change_pixels(m):

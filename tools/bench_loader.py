@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--batches", type=int, default=8, help="timed batches per contender")
+    p.add_argument("--batches", type=int, default=24, help="timed batches per contender")
 
 
 class PhotoItem:
