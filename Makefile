@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/mimpipe bench shard
+	$(BIN)/mimpipe bench
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) runs

@@ -11,6 +11,7 @@ import sys
 COMMANDS = {
     "shard": ("tools.shard", "image folder / ImageNet -> WebDataset shards + DALI index + manifest"),
     "sample": ("tools.sample", "generate the embedded sample dataset (shapes on clutter)"),
+    "viz": ("tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
     "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
 }
 

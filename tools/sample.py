@@ -147,3 +147,16 @@ def main(args) -> int:
                          source=f"mimpipe sample --n {args.n} --size {args.size} --seed {args.seed}")
     print(summary(report, args.out))
     return 0
+
+
+def fg_patches(meta: dict, box, flip: bool, img_size: int, patch: int) -> np.ndarray:
+    """The sample's foreground as the model sees it: cells -> pixels -> the crop `box` (x, y, w, h)
+    resized to img_size (area average) -> flipped -> a patch is foreground when half of it is.
+    -> [L] bool, row-major patches."""
+    cells = decode_fg(meta).astype(np.float32)
+    pix = np.kron(cells, np.ones((meta["fg"]["cell"],) * 2, np.float32))
+    x, y, w, h = (int(v) for v in box)
+    crop = Image.fromarray(pix[y:y + h, x:x + w]).resize((img_size, img_size), Image.Resampling.BOX)
+    a = np.asarray(crop)[:, ::-1] if flip else np.asarray(crop)
+    g = img_size // patch
+    return (a.reshape(g, patch, g, patch).mean((1, 3)) >= 0.5).ravel()

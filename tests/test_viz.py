@@ -1,0 +1,34 @@
+"""mimpipe viz: foreground bookkeeping through crops, recall of random masking = its ratio."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from tools import viz
+from tools.sample import decode_fg, fg_cells, fg_patches
+
+
+def test_fg_patches_follow_crop_and_flip():
+    fg = np.zeros((32, 32), bool)
+    fg[0:8, 0:16] = True            # top-left object, 8 rows x 16 cols
+    meta = {"fg": fg_cells(fg)}
+    assert np.array_equal(decode_fg(meta), fg.reshape(8, 4, 8, 4).mean((1, 3)) >= 0.25)
+    full = fg_patches(meta, (0, 0, 32, 32), False, 16, 4).reshape(4, 4)   # 2x downscale, patch 4
+    assert full.tolist() == [[True, True, False, False]] + [[False] * 4] * 3
+    flipped = fg_patches(meta, (0, 0, 32, 32), True, 16, 4).reshape(4, 4)
+    assert flipped.tolist() == [[False, False, True, True]] + [[False] * 4] * 3
+    corner = fg_patches(meta, (0, 0, 16, 16), False, 16, 4).reshape(4, 4)   # crop the top-left
+    assert corner[:2].all() and not corner[2:].any()
+
+
+def test_viz_draws_and_random_recall_is_the_ratio(sample_ds, tmp_path):
+    p = argparse.ArgumentParser()
+    viz.add_arguments(p)
+    args = p.parse_args([str(sample_ds), "--model", "mae_vit_micro_patch8_64", "--strategies",
+                         "random,sbam,gpa,idm", "--recall-images", "100", "--n", "3",
+                         "--out", str(tmp_path / "v.png")])
+    r = viz.run(args)
+    assert r["images"] >= 100 and (tmp_path / "v.png").stat().st_size > 10_000
+    assert abs(r["recall"]["random"] - 0.75) < 0.05, r["recall"]
+    assert set(r["recall"]) == {"random", "sbam", "gpa", "idm"}

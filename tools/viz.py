@@ -1,0 +1,158 @@
+"""`mimpipe viz`: what each strategy masks, as a PNG grid, and how much of the object it hides.
+
+Per image: the crop the model sees, then per strategy the teacher's score map and the mask. On
+the sample dataset (known foreground) it also prints each strategy's object recall: the fraction
+of foreground patches masked. Random masking scores the ratio itself; a score-based strategy that
+finds objects scores above it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maskserver.strategies import STRATEGIES, get_strategy, gpa_scores, sbam_salience
+from maskserver.teacher import Teacher
+from pipeline.decode import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.loader import Loader
+from pipeline.manifest import load_manifest
+from pipeline.plan import PlanConfig, ViewConfig
+from tools.sample import fg_patches
+from train.model import create_model, model_config
+
+
+def add_arguments(p) -> None:
+    p.add_argument("shards", nargs="?", type=Path, default=Path("shards/sample"))
+    p.add_argument("--model", default="mae_vit_tiny_patch8_64")
+    p.add_argument("--weights", help="teacher checkpoint (MAE {'model': sd} or timm state dict); "
+                                     "default: a freshly initialized encoder (seeded)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--n", type=int, default=6, help="images in the picture")
+    p.add_argument("--recall-images", type=int, default=512, help="images scored for recall")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/viz.png"))
+
+
+def gpa_options(cfg) -> tuple[int, dict]:
+    """The paper's b9h11 where the model has it; the last block and the sum of heads otherwise."""
+    block = 9 if cfg.depth > 9 else cfg.depth - 1
+    return block, {"head": 11 if cfg.num_heads > 11 else -1}
+
+
+def score_map(teacher: Teacher, images, name: str, block) -> torch.Tensor:
+    """[N, L] in [0, 1]: the quantity the strategy ranks patches by (zeros for random)."""
+    s = get_strategy(name)
+    inp = teacher.mask_inputs(images, name, block=block)
+    if s.needs == "embed":
+        x = sbam_salience(inp.embed)
+    elif s.needs == "qk":
+        x = gpa_scores(inp.q, inp.k, head=gpa_options(teacher.cfg)[1]["head"])
+    elif s.needs == "cls_attn":
+        x = inp.cls_attn.mean(1)
+    else:
+        return torch.zeros(inp.N, inp.L)
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    return ((x - lo) / (hi - lo + 1e-12)).float().cpu()
+
+
+def make_teacher(args) -> Teacher:
+    if args.weights:
+        return Teacher(args.model, f"frozen:{args.weights}")
+    t = Teacher(args.model, "momentum", projector_hidden=None)
+    with torch.random.fork_rng():   # seeded init without touching the caller's global RNG
+        torch.manual_seed(args.seed)
+        t.load_state(create_model(args.model, encoder_only=True).state_dict(), version=0, step=0)
+    return t
+
+
+def run(args) -> dict:
+    cfg = model_config(args.model)
+    m = load_manifest(args.shards)
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    for n in names:
+        get_strategy(n)   # fail on a typo before any work
+    teacher = make_teacher(args)
+    block, gpa_opts = gpa_options(cfg)
+    plan = PlanConfig(seed=args.seed, batch_size=64, img_size=cfg.img_size, views=(ViewConfig(crop="center"),))
+    loader = Loader(m, plan, decoder="dali")
+    gen = torch.Generator().manual_seed(args.seed)
+    hit, total, shown = {n: 0.0 for n in names}, 0, None
+    try:
+        for batch in loader.epoch(0):
+            pb = loader.plan.batch(batch.epoch, batch.step)
+            fg = torch.from_numpy(np.stack([
+                fg_patches(json.loads(loader.reader.read_one(int(i), meta=True).tobytes()),
+                           pb.views[0].crop[j], bool(pb.views[0].flip[j]), cfg.img_size, cfg.patch_size)
+                for j, i in enumerate(pb.sample_ids)]))
+            keep = batch.valid & (fg.sum(1) > 0)
+            masks = {}
+            for n in names:
+                opts = gpa_opts if n == "gpa" else {}
+                masks[n] = teacher.compute(batch.images, n, ratio=args.ratio, generator=gen,
+                                           block=block if get_strategy(n).block is not None else None,
+                                           options=opts).mask
+                rec = (masks[n] & fg).sum(1).float() / fg.sum(1).clamp(min=1)
+                hit[n] += float(rec[keep].sum())
+            if shown is None:
+                k = slice(0, args.n)
+                shown = (batch.images[k].clone(), fg[k],
+                         {n: (score_map(teacher, batch.images[k], n,
+                                        block if get_strategy(n).block is not None else None), masks[n][k])
+                          for n in names})
+            total += int(keep.sum())
+            if total >= args.recall_images:
+                break
+    finally:
+        loader.close()
+    recall = {n: round(hit[n] / max(total, 1), 4) for n in names}
+    draw(args.out, *shown, cfg)
+    return {"images": total, "ratio": args.ratio, "recall": recall, "png": str(args.out),
+            "teacher": args.weights or f"fresh {args.model} (seed {args.seed})",
+            "gpa": {"block": block, **gpa_opts}}
+
+
+def draw(path: Path, images, fg, per_strategy: dict, cfg) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    g = cfg.img_size // cfg.patch_size
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    cols = 1 + 2 * len(per_strategy)
+    fig, axes = plt.subplots(len(images), cols, figsize=(1.3 * cols, 1.4 * len(images)), squeeze=False)
+    for r, img in enumerate(images):
+        rgb = (img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        axes[r, 0].imshow(rgb)
+        axes[r, 0].contour(np.kron(fg[r].view(g, g).numpy(), np.ones((cfg.patch_size,) * 2)),
+                           levels=[0.5], colors="yellow", linewidths=0.6)
+        for c, (name, (score, mask)) in enumerate(per_strategy.items()):
+            axes[r, 1 + 2 * c].imshow(score[r].view(g, g).numpy(), cmap="magma")
+            shown = rgb * (1 - 0.75 * np.kron(mask[r].view(g, g).numpy(), np.ones((cfg.patch_size,) * 2)))[..., None]
+            axes[r, 2 + 2 * c].imshow(shown)
+            if r == 0:
+                axes[r, 1 + 2 * c].set_title(f"{name} score", fontsize=7)
+                axes[r, 2 + 2 * c].set_title(f"{name} mask", fontsize=7)
+    axes[0, 0].set_title("crop (object)", fontsize=7)
+    for a in axes.flat:
+        a.set_axis_off()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(r: dict) -> str:
+    rows = [f"object recall on {r['images']} images, mask ratio {r['ratio']}, teacher: {r['teacher']}",
+            f"{'strategy':<10}{'recall':>8}{'recall / ratio':>16}"]
+    rows += [f"{n:<10}{v:>8.3f}{v / r['ratio']:>16.2f}" for n, v in r["recall"].items()]
+    if "attmask" in r["recall"]:
+        rows.append("(attmask leaves an image unmasked with probability 1 - masking_prob = 0.5, "
+                    "AttMask's default)")
+    return "\n".join(rows + [f"picture: {r['png']}"])
+
+
+def main(args) -> int:
+    print(table(run(args)))
+    return 0
