@@ -22,7 +22,7 @@ import numpy as np
 
 PLAN_VERSION = 1
 MASK64 = (1 << 64) - 1
-STREAM_ORDER, STREAM_VIEW = 1, 2   # independent hash streams
+STREAM_ORDER, STREAM_VIEW, STREAM_MASK = 1, 2, 3   # independent hash streams
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,12 @@ def hash_u64(seed: int, epoch: int, stream: int, ids: np.ndarray, draws: int) ->
 def uniforms(seed: int, epoch: int, stream: int, ids: np.ndarray, draws: int) -> np.ndarray:
     """[len(ids), draws] float64 in [0, 1)."""
     return (hash_u64(seed, epoch, stream, ids, draws) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed of the mask noise of batch (epoch, step, rank): the same in the trainer, the in-loop
+    teacher and the mask server, and independent of what ran before (resume, restarts)."""
+    return int(hash_u64(seed, epoch, STREAM_MASK, np.array([step * 65536 + rank]), 1)[0, 0] >> np.uint64(1))
 
 
 # -- crops ---------------------------------------------------------------------------------------

@@ -11,8 +11,11 @@ import sys
 COMMANDS = {
     "shard": ("tools.shard", "image folder / ImageNet -> WebDataset shards + DALI index + manifest"),
     "sample": ("tools.sample", "generate the embedded sample dataset (shapes on clutter)"),
+    "train": ("train.trainer", "MAE pre-training with random, in-loop or mask-server masks"),
     "viz": ("tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
     "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
+    "maskserver": ("maskserver.server", "serve attention-guided masks to trainer ranks over ZeroMQ"),
+    "keys": ("maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
 }
 
 

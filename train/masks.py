@@ -1,0 +1,76 @@
+"""Where a trainer's masks come from: `random` (plain MAE), `inloop:<strategy>` (the teacher in
+the trainer's own process: the baseline the decoupled design is measured against), or a mask
+server (`tcp://...`, maskserver/client.py). All three answer `get(batch) -> Masks` for exactly the
+batch (epoch, step) of this rank, and draw their noise from the plan's batch_seed, so the same
+weights give the same masks on every path."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from maskserver.strategies import random_mask
+from maskserver.teacher import DEFAULT_SOURCE, Teacher
+from pipeline.plan import batch_seed
+
+
+@dataclass
+class Masks:
+    mask: torch.Tensor                 # [N, L] bool, True = masked
+    extras: dict = field(default_factory=dict)   # gpa_target, heads, lut_t1/t2 ...
+    teacher_version: int = -1
+    teacher_step: int | None = None
+    wait_s: float = 0.0                # time the trainer spent waiting for (or computing) them
+    fallback: bool = False             # random masks because the server did not answer in time
+
+
+def generator_for(seed: int, epoch: int, step: int, rank: int, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(batch_seed(seed, epoch, step, rank))
+
+
+class RandomMasks:
+    def __init__(self, num_patches: int, ratio: float, seed: int, rank: int):
+        self.L, self.ratio, self.seed, self.rank = num_patches, ratio, seed, rank
+
+    def get(self, batch) -> Masks:
+        g = generator_for(self.seed, batch.epoch, batch.step, self.rank)
+        return Masks(random_mask(len(batch.sample_ids), self.L, self.ratio, generator=g))
+
+    def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class InloopMasks:
+    """The teacher runs here, between the trainer's steps: every batch pays for its forward."""
+
+    def __init__(self, strategy: str, model: str, *, ratio: float, seed: int, rank: int,
+                 source: str | None = None, block: int | None = None, options: dict | None = None,
+                 device="cpu", epochs: int = 1):
+        self.strategy, self.ratio, self.seed, self.rank = strategy, ratio, seed, rank
+        self.block, self.options, self.epochs = block, options or {}, epochs
+        self.teacher = Teacher(model, source or DEFAULT_SOURCE.get(strategy, "momentum"),
+                               strategy=strategy, block=block, projector_hidden=None, device=device)
+        self.head_probs = None   # PLB's p for idm; None = uniform
+
+    def get(self, batch) -> Masks:
+        t0 = time.perf_counter()
+        g = generator_for(self.seed, batch.epoch, batch.step, self.rank, self.teacher.device)
+        out = self.teacher.compute(batch.images, self.strategy, ratio=self.ratio, generator=g,
+                                   progress=batch.epoch / self.epochs, head_probs=self.head_probs,
+                                   block=self.block, options=self.options)
+        return Masks(out.mask.cpu(), {k: v.cpu() for k, v in out.extras.items()}, self.teacher.version,
+                     self.teacher.step, time.perf_counter() - t0)
+
+    def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
+        """online: the student's current weights (only what the strategy reads); momentum: the EMA."""
+        if self.teacher.kind == "frozen":
+            return
+        src = (student if self.teacher.kind == "online" else ema).state_dict()
+        self.teacher.load_state({k: src[k] for k in self.teacher.held}, version=step, step=step)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,229 @@
+"""`mimpipe train`: MAE pre-training fed by the plan, with masks from random, in-loop or a server.
+
+torchrun-ready: every rank has its own plan slice, loader and mask source; DDP over gloo on the
+CPU, NCCL on GPUs. The loop (`train`) reads in execution order; everything it calls is small.
+Checkpoints hold model, EMA teacher, optimizer, scaler, plan cursor and mask-source state; since
+data, crops and mask noise are pure functions of (seed, epoch, step, rank), a resumed run sees
+exactly the batches and masks an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.loader import Loader
+from pipeline.manifest import load_manifest
+from pipeline.plan import PlanConfig, ViewConfig
+from train.masks import InloopMasks, RandomMasks
+from train.model import create_model, model_config
+from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
+
+log = logging.getLogger("mimpipe.train")
+CKPT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    shards: str
+    out: str = "runs/train"
+    model: str = "mae_vit_tiny_patch8_64"
+    masks: str = "random"            # random | inloop:<strategy> | tcp://host:port
+    mask_ratio: float = 0.75
+    teacher_source: str | None = None  # default: the strategy's paper choice (METHODS.md)
+    epochs: int = 1
+    max_steps: int | None = None     # stop early (global optimizer-free iterations)
+    batch_size: int = 64             # per rank
+    accum: int = 1
+    blr: float = 1.5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    ema_m0: float = 0.996
+    sync_every: int = 1
+    seed: int = 0
+    decoder: str = "dali"
+    threads: int = 2
+    ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
+    log_every: int = 1
+
+
+def setup_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def make_masks(cfg: TrainConfig, rank: int, num_patches: int):
+    if cfg.masks == "random":
+        return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
+    if cfg.masks.startswith("inloop:"):
+        return InloopMasks(cfg.masks.split(":", 1)[1], cfg.model, ratio=cfg.mask_ratio, seed=cfg.seed,
+                           rank=rank, source=cfg.teacher_source, epochs=cfg.epochs)
+    raise ValueError(f"--masks {cfg.masks!r}: choose random, inloop:<strategy> or tcp://host:port")
+
+
+class Run:
+    """Everything a checkpoint restores, built the same way for a fresh and a resumed run."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        mc = model_config(cfg.model)
+        self.manifest = load_manifest(cfg.shards)
+        self.plan_cfg = PlanConfig(seed=cfg.seed, batch_size=cfg.batch_size, world_size=world,
+                                   img_size=mc.img_size, views=(ViewConfig(),))
+        self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads)
+        with torch.random.fork_rng():   # the same initial weights on every rank, global RNG untouched
+            torch.manual_seed(cfg.seed)
+            self.model = create_model(cfg.model)
+        self.ema = create_model(cfg.model, encoder_only=True).requires_grad_(False)
+        self.ema.load_state_dict({k: v for k, v in self.model.state_dict().items()
+                                  if k in self.ema.state_dict()})
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95))
+        eff = cfg.batch_size * world * cfg.accum
+        self.sched = Schedule(lr=cfg.blr * eff / 256, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+        self.masks = make_masks(cfg, rank, mc.num_patches)
+        self.it = 0   # iterations done = epoch * steps + step of the next batch
+        if rank == 0:
+            log.info("effective batch %d, peak lr %.3g, %d steps/epoch, plan %s",
+                     eff, self.sched.lr, self.loader.steps, self.loader.plan.hash)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return Path(self.cfg.out) / "checkpoint.pt"
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        state = {"version": CKPT_VERSION, "config": asdict(self.cfg), "it": self.it,
+                 "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                 "optimizer": self.opt.state_dict(), "plan_hash": self.loader.plan.hash}
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)   # a crash mid-save leaves the previous checkpoint
+
+    def load(self) -> None:
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("plan_hash") != self.loader.plan.hash:
+            raise ValueError(f"{self.ckpt_path}: written for plan {state.get('plan_hash')}, this run's "
+                             f"plan is {self.loader.plan.hash} (other data, seed, batch or world size)")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.it = int(state["it"])
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    if cfg.ckpt_every % cfg.accum:
+        raise ValueError(f"--ckpt-every {cfg.ckpt_every} must be a multiple of --accum {cfg.accum}: "
+                         f"a checkpoint holds no half-accumulated gradients")
+    rank, world = setup_distributed()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, rank, world)
+    if resume:
+        run.load()
+    steps = run.loader.steps
+    total = cfg.epochs * steps if cfg.max_steps is None else min(cfg.epochs * steps, cfg.max_steps)
+    stop = _stop_on_sigterm()
+    run.masks.sync(run.it, run.model, run.ema)
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    first_loss = last_loss = None
+    while run.it < total and not stop["now"]:
+        epoch, start = divmod(run.it, steps)
+        batches = run.loader.epoch(epoch, start)
+        t_data = time.perf_counter()
+        for batch in batches:
+            data_wait = time.perf_counter() - t_data
+            for g in run.opt.param_groups:
+                g["lr"] = lr_at(run.it / steps, run.sched)
+            masks = run.masks.get(batch)
+            t0 = time.perf_counter()
+            loss, _, _ = run.ddp(batch.images, mask=masks.mask)
+            (loss / cfg.accum).backward()
+            boundary = (run.it + 1) % cfg.accum == 0
+            if boundary:
+                run.opt.step()
+                run.opt.zero_grad(set_to_none=True)
+                ema_update(run.ema, run.model, ema_momentum(run.it, total, cfg.ema_m0))
+            run.it += 1
+            if run.it % cfg.sync_every == 0:
+                run.masks.sync(run.it, run.model, run.ema)
+            loss_v = loss.item()   # sync point: the loss is logged every step
+            first_loss = loss_v if first_loss is None else first_loss
+            last_loss = loss_v
+            if metrics and (run.it % cfg.log_every == 0 or run.it == total):
+                metrics.write(json.dumps({
+                    "it": run.it, "epoch": epoch, "step": batch.step, "loss": loss_v,
+                    "lr": run.opt.param_groups[0]["lr"], "data_wait": data_wait, "mask_wait": masks.wait_s,
+                    "compute": time.perf_counter() - t0, "teacher_version": masks.teacher_version,
+                    "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
+                    "fallback": masks.fallback, "images": len(batch.sample_ids)}) + "\n")
+                metrics.flush()
+            if boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0:
+                run.save()
+            if run.it >= total or (stop["now"] and boundary):
+                break
+            t_data = time.perf_counter()
+        batches.close()
+    run.save()
+    run.masks.close()
+    run.loader.close()
+    if metrics:
+        metrics.close()
+    return {"it": run.it, "first_loss": first_loss, "last_loss": last_loss}
+
+
+def _stop_on_sigterm() -> dict:
+    """SIGTERM ends the run at the next optimizer step, with a checkpoint (signal handlers can
+    only be installed from the main thread; elsewhere, e.g. under a test runner's thread, none)."""
+    flag = {"now": False}
+
+    def handler(signum, frame):
+        flag["now"] = True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def add_arguments(p) -> None:
+    d = TrainConfig(shards="")
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--masks", default=d.masks, help="random | inloop:<strategy> | tcp://host:port")
+    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    p.add_argument("--teacher-source", default=None, help="online | momentum | frozen:PATH")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
+    p.add_argument("--accum", type=int, default=d.accum)
+    p.add_argument("--blr", type=float, default=d.blr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--ema-m0", type=float, default=d.ema_m0)
+    p.add_argument("--sync-every", type=int, default=d.sync_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--decoder", default=d.decoder, choices=["dali", "pil"])
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--resume", action="store_true")
+
+
+def main(args) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    r = train(TrainConfig(**fields), resume=args.resume)
+    print(f"trained {r['it']} iterations, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
+          file=sys.stderr)
+    return 0
