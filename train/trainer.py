@@ -134,7 +134,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if resume:
         run.load()
     steps = run.loader.steps
-    total = cfg.epochs * steps if cfg.max_steps is None else min(cfg.epochs * steps, cfg.max_steps)
+    planned = cfg.epochs * steps   # schedules follow the planned run, not where --max-steps stops it
+    total = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
     stop = _stop_on_sigterm()
     run.masks.sync(run.it, run.model, run.ema)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if boundary:
                 run.opt.step()
                 run.opt.zero_grad(set_to_none=True)
-                ema_update(run.ema, run.model, ema_momentum(run.it, total, cfg.ema_m0))
+                ema_update(run.ema, run.model, ema_momentum(run.it, planned, cfg.ema_m0))
             run.it += 1
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
