@@ -12,6 +12,7 @@ COMMANDS = {
     "shard": ("tools.shard", "image folder / ImageNet -> WebDataset shards + DALI index + manifest"),
     "sample": ("tools.sample", "generate the embedded sample dataset (shapes on clutter)"),
     "train": ("train.trainer", "MAE pre-training with random, in-loop or mask-server masks"),
+    "eval": ("train.evaluate", "k-NN and linear-probe accuracy of an encoder on labeled shards"),
     "viz": ("tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
     "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
     "maskserver": ("maskserver.server", "serve attention-guided masks to trainer ranks over ZeroMQ"),
