@@ -1,0 +1,351 @@
+"""MaskClient: a trainer rank's end of the mask stream (DEALER). DESIGN.md "Transport".
+
+    client = MaskClient("tcp://127.0.0.1:5555", rank=r, world_size=W, plan_hash=loader.plan.hash,
+                        cursor=(epoch, step), num_patches=L, ratio=0.75, seed=cfg.seed)
+    mb = client.get(epoch, step, batch.sample_ids)   # MaskBatch: mask [N, L] bool, True = masked
+
+A background I/O thread owns the socket (zmq sockets are not thread-safe), so heartbeats go on
+while the trainer computes; public methods talk to it through a command queue plus a wake-up pipe.
+The I/O thread grants credits (one per batch handed out or dropped), notices a lost server (no
+traffic for 3 heartbeat intervals, a new server_id, a BYE) and recreates the socket with capped
+exponential backoff, re-sending HELLO with its cursor (the next batch it has not handed out);
+batches it already holds are kept and duplicates are dropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zmq
+import zmq.auth  # load_certificate for CURVE
+
+from maskserver import protocol as P
+from maskserver.strategies import random_mask, unpack_mask
+
+log = logging.getLogger("mimpipe.maskclient")
+POLICIES = ("wait", "random", "fail")
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # seconds between socket re-creations (capped exponential)
+
+
+class MaskServerError(RuntimeError):
+    """The server refused this rank (plan or protocol mismatch) or sent an inconsistent batch."""
+
+
+def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of batch (epoch, step, rank)'s mask noise: a pure function, so the server's masks
+    and the client's random fallback do not depend on timing, threads or process."""
+    key = np.array([seed, epoch, step, rank], dtype="<i8").tobytes()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def batch_generator(seed: int, epoch: int, step: int, rank: int, device: str | torch.device = "cpu"):
+    g = torch.Generator(device=device)
+    g.manual_seed(batch_seed(seed, epoch, step, rank))
+    return g
+
+
+@dataclass
+class MaskBatch:
+    mask: torch.Tensor  # [N, L] bool, True = masked
+    len_keep: torch.Tensor  # [N] long
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # gpa_target, lut_t1/t2, heads
+    teacher_version: int = -1
+    teacher_step: int = -1
+    fallback: bool = False  # True: the client's random masks, the server did not answer in time
+
+
+def _masks_to_batch(msg: P.Message) -> MaskBatch:
+    f = msg.fields
+    mask = unpack_mask(msg.tensor("mask").clone(), f["num_patches"])
+    targets = {k: msg.tensor(k).clone() for k in msg.arrays if k not in ("mask", "len_keep")}
+    return MaskBatch(mask, msg.tensor("len_keep").long(), targets, f["teacher_version"], f["teacher_step"])
+
+
+class MaskClient:
+    def __init__(self, endpoint: str, *, rank: int, world_size: int, plan_hash: str,
+                 cursor: tuple[int, int] = (0, 0), credits: int = 4, mask_timeout: float = 30.0,
+                 policy: str = "wait", heartbeat: float = 1.0, curve: tuple[str, str] | None = None,
+                 num_patches: int, ratio: float = 0.75, seed: int = 0):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown mask policy {policy!r}; choose from {', '.join(POLICIES)}")
+        if not 1 <= credits <= P.MAX_CREDITS:
+            raise ValueError(f"credits {credits} outside [1, {P.MAX_CREDITS}]")
+        self.endpoint, self.rank, self.world_size, self.plan_hash = endpoint, rank, world_size, plan_hash
+        self.credits, self.mask_timeout, self.policy, self.heartbeat = credits, mask_timeout, policy, heartbeat
+        self.curve, self.num_patches, self.ratio, self.seed = curve, num_patches, ratio, seed
+        self.restart_id = uuid.uuid4().hex[:16]
+        self.fallbacks: list[tuple[int, int]] = []
+        self.stats = {"received": 0, "dropped": 0, "reconnects": 0, "seq_gaps": 0, "errors": 0,
+                      "send_dropped": 0}
+        self.server_id: str | None = None
+        self._cursor = tuple(cursor)  # next batch to hand out; guarded by _cv
+        self._ready: dict[tuple[int, int], P.Message] = {}
+        self._fatal: str | None = None
+        self._cv = threading.Condition()
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
+        self._thread = threading.Thread(target=self._io, name=f"mimpipe-maskclient-r{rank}", daemon=True)
+        self._thread.start()
+
+    # ---- public API (any thread) ----
+    def get(self, epoch: int, step: int, sample_ids) -> MaskBatch:
+        """Masks of batch (epoch, step) of this rank; verifies the sample-id checksum."""
+        want = P.checksum(np.asarray(sample_ids))
+        key = (epoch, step)
+        with self._cv:
+            if key != self._cursor:
+                rollover = key == (self._cursor[0] + 1, 0) and self._cursor[1] > 0  # epoch end: the server
+                self._cursor = key  # continues with (epoch + 1, 0) on its own
+                kept = {k: v for k, v in self._ready.items() if k >= key}
+                if len(kept) < len(self._ready):  # dropped batches give their credits back
+                    self._command(("credit", len(self._ready) - len(kept)))
+                self._ready = kept
+                if not rollover:  # the trainer jumped (resume, skip): restart the stream there
+                    self._command(("hello",))
+            t0 = last_log = time.monotonic()
+            while key not in self._ready:
+                if self._fatal:
+                    raise MaskServerError(self._fatal)
+                now = time.monotonic()
+                if now - t0 >= self.mask_timeout:
+                    if self.policy == "random":
+                        self._advance(key)
+                        return self._random(epoch, step, len(sample_ids))
+                    if self.policy == "fail":
+                        raise TimeoutError(f"rank {self.rank}: no masks for epoch {epoch} step {step} "
+                                           f"from {self.endpoint} within {self.mask_timeout}s")
+                    if now - last_log >= self.mask_timeout:
+                        log.warning("rank %d: still waiting for masks of epoch %d step %d (%.0fs)",
+                                    self.rank, epoch, step, now - t0)
+                        last_log = now
+                self._cv.wait(min(0.5, max(0.001, self.mask_timeout - (now - t0))))
+            msg = self._ready.pop(key)
+            self._advance(key)
+        self._command(("credit", 1))
+        f = msg.fields
+        if f["checksum"] != want:
+            raise MaskServerError(f"rank {self.rank}: epoch {epoch} step {step}: mask server batch has "
+                                  f"sample-id checksum {f['checksum']:016x}, this rank's plan {want:016x}")
+        if f["n"] != len(sample_ids):
+            raise MaskServerError(f"rank {self.rank}: epoch {epoch} step {step}: {f['n']} masks for "
+                                  f"{len(sample_ids)} samples")
+        return _masks_to_batch(msg)
+
+    def send_weights(self, state_dict: dict, version: int, step: int) -> None:
+        """Snapshot now (see protocol.weight_chunks) and queue the chunks for the I/O thread."""
+        for frames in P.weight_chunks(state_dict, version, step):
+            self._command(("send", frames))
+
+    def send_feedback(self, epoch: int, step: int, head_loss_sum, head_count) -> None:
+        arrays = {"head_loss_sum": np.asarray(head_loss_sum, np.float32),
+                  "head_count": np.asarray(head_count, np.int64)}
+        self._command(("send", P.encode(P.FEEDBACK, {"rank": self.rank, "epoch": epoch, "step": step},
+                                        arrays)))
+
+    def close(self, timeout: float = 2.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._command(("close",))
+        self._thread.join(timeout)
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- helpers ----
+    def _advance(self, key):
+        self._cursor = (key[0], key[1] + 1)
+
+    def _random(self, epoch: int, step: int, n: int) -> MaskBatch:
+        g = batch_generator(self.seed, epoch, step, self.rank)
+        mask = random_mask(n, self.num_patches, self.ratio, generator=g)
+        self.fallbacks.append((epoch, step))
+        log.warning("rank %d: epoch %d step %d: no masks within %.1fs, random fallback (%d so far)",
+                    self.rank, epoch, step, self.mask_timeout, len(self.fallbacks))
+        return MaskBatch(mask, (~mask).sum(1), {}, -1, -1, fallback=True)
+
+    def _command(self, cmd) -> None:
+        self._cmds.put(cmd)
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # pipe full (already awake) or closed
+
+    # ---- the I/O thread: the only code that touches the socket ----
+    def _connect(self, ctx: zmq.Context) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)
+        if self.curve:
+            secret_file, server_public_file = self.curve
+            s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(secret_file)
+            s.curve_serverkey = zmq.auth.load_certificate(server_public_file)[0]
+        s.connect(self.endpoint)
+        return s
+
+    def _hello(self, sock: zmq.Socket) -> None:
+        with self._cv:
+            cursor = list(self._cursor)
+        self._send(sock, P.encode(P.HELLO, {"rank": self.rank, "world_size": self.world_size,
+                                            "plan_hash": self.plan_hash, "cursor": cursor,
+                                            "restart_id": self.restart_id, "credits": self.credits}))
+
+    def _send(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self._last_sent = time.monotonic()
+        except zmq.Again:  # not connected / HWM: HELLO, CREDIT and heartbeats are re-sent on reconnect
+            self.stats["send_dropped"] += 1
+            log.warning("rank %d: could not send %s (server unreachable); dropped", self.rank,
+                        bytes(frames[0][:40]))
+
+    def _io(self) -> None:
+        ctx = zmq.Context()
+        sock = self._connect(ctx)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        self._hello(sock)
+        last_recv, backoff, seq = time.monotonic(), BACKOFF_MIN, None
+        last_hello = last_recv
+        welcomed = False
+        try:
+            while True:
+                timeout = self.heartbeat / 2
+                events = dict(poller.poll(timeout * 1000))
+                now = time.monotonic()
+                if self._wake_r in events:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                while True:  # commands from the public methods
+                    try:
+                        cmd = self._cmds.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd[0] == "close":
+                        self._send(sock, P.encode(P.BYE, {}))
+                        return
+                    if cmd[0] == "credit":
+                        self._send(sock, P.encode(P.CREDIT, {"rank": self.rank, "n": cmd[1]}))
+                    elif cmd[0] == "hello":
+                        self._hello(sock)
+                    else:
+                        self._send(sock, cmd[1])
+                while sock in events:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    last_recv = now
+                    action = self._on_message(frames, welcomed)
+                    if action == "welcome":
+                        welcomed, backoff, seq = True, BACKOFF_MIN, None
+                    elif action == "rehello" and now - last_hello > self.heartbeat / 2:  # rate-limited
+                        self._hello(sock)
+                        last_hello = now
+                    elif action == "lost":
+                        last_recv = 0.0  # reconnect below
+                    elif isinstance(action, tuple):  # ("masks", seq)
+                        if seq is not None and action[1] != seq + 1:
+                            self.stats["seq_gaps"] += 1
+                            log.warning("rank %d: mask seq %d after %d: a MASKS message was lost",
+                                        self.rank, action[1], seq)
+                        seq = action[1]
+                        if not action[2]:  # dropped: its credit goes back to the server
+                            self._send(sock, P.encode(P.CREDIT, {"rank": self.rank, "n": 1}))
+                if now - last_recv > 3 * self.heartbeat:  # the server is gone: new socket, re-HELLO
+                    if self._fatal:
+                        continue
+                    poller.unregister(sock)
+                    sock.close(linger=0)
+                    time.sleep(min(backoff, 0.2))  # sleep briefly; the rest of the backoff is in last_recv
+                    sock = self._connect(ctx)
+                    poller.register(sock, zmq.POLLIN)
+                    self.stats["reconnects"] += 1
+                    log.warning("rank %d: no word from mask server %s for %.1fs; reconnecting",
+                                self.rank, self.endpoint, 3 * self.heartbeat)
+                    self._hello(sock)
+                    welcomed = False
+                    last_recv = time.monotonic() + backoff - min(backoff, 0.2)
+                    backoff = min(2 * backoff, BACKOFF_MAX)
+                elif time.monotonic() - self._last_sent > self.heartbeat:
+                    self._send(sock, P.encode(P.HEARTBEAT, {"restart_id": self.restart_id}))
+        except Exception as e:  # noqa: BLE001 - surfaced through get()
+            log.exception("rank %d: mask client I/O thread failed", self.rank)
+            with self._cv:
+                self._fatal = f"rank {self.rank}: mask client I/O thread failed: {e!r}"
+                self._cv.notify_all()
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    _last_sent = 0.0
+
+    def _on_message(self, frames, welcomed: bool):
+        """One message from the server -> None | 'welcome' | 'rehello' | 'lost' | ('masks', seq)."""
+        try:
+            msg = P.decode([f.buffer for f in frames])
+        except P.ProtocolError as e:
+            self.stats["errors"] += 1
+            log.warning("rank %d: bad message from mask server: %s", self.rank, e)
+            return None
+        f = msg.fields
+        if msg.type == P.WELCOME:
+            if f["plan_hash"] != self.plan_hash:  # cannot happen with an honest server; be explicit
+                self._set_fatal(f"rank {self.rank}: server plan {f['plan_hash']} != ours {self.plan_hash}")
+            if self.server_id is not None and f["server_id"] != self.server_id:
+                log.warning("rank %d: mask server restarted (%s -> %s)", self.rank, self.server_id, f["server_id"])
+            self.server_id = f["server_id"]
+            return "welcome"
+        if msg.type == P.HEARTBEAT:
+            if self.server_id is not None and f["restart_id"] != self.server_id:
+                return "rehello"  # a restarted server: register again with our cursor
+            return None
+        if msg.type == P.BYE:
+            log.warning("rank %d: mask server said BYE", self.rank)
+            return "lost"
+        if msg.type == P.ERROR:
+            if f["code"] in (P.E_PLAN, P.E_VERSION):
+                self._set_fatal(f"rank {self.rank}: mask server refused us: {f['code']}: {f['message']}")
+                return None
+            self.stats["errors"] += 1
+            log.warning("rank %d: mask server error %s: %s", self.rank, f["code"], f["message"])
+            return "rehello" if f["code"] == P.E_STATE else None
+        if msg.type == P.MASKS:
+            if f["rank"] != self.rank:
+                self.stats["errors"] += 1
+                return None
+            key = (f["epoch"], f["step"])
+            self.stats["received"] += 1
+            with self._cv:
+                keep = key >= self._cursor and key not in self._ready
+                if keep:
+                    self._ready[key] = msg
+                    self._cv.notify_all()
+            if not keep:  # a duplicate after a re-HELLO or a batch we already fell back on
+                self.stats["dropped"] += 1
+            return ("masks", f["seq"], keep)
+        return None
+
+    def _set_fatal(self, why: str) -> None:
+        log.error(why)
+        with self._cv:
+            self._fatal = why
+            self._cv.notify_all()

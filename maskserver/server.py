@@ -1,0 +1,549 @@
+"""The mask server: `mimpipe maskserver`. DESIGN.md "Mask server" and "Transport".
+
+Threads (zmq sockets are not thread-safe, so exactly one thread touches the socket):
+    socket thread   `serve`: the ROUTER; decodes every frame list (protocol.decode), hands it to
+                    `MaskServer.handle`, sends queued MASKS to ranks holding credits, heartbeats,
+                    declares silent ranks dead, writes stats. Never blocks without a timeout.
+    rank workers    one per served rank (`MaskServer._work`): runs the rank's Loader from its cursor
+                    (the Loader's own thread decodes ahead), computes masks on the shared teacher
+                    (one lock, so weights are swapped between batches), packs and encodes MASKS and
+                    puts them on the rank's bounded queue (`--max-ahead`).
+A rank's HELLO with a cursor bumps its `generation`: the worker restarts there and queued
+batches of older generations are dropped. Mask noise comes from `batch_generator(seed, epoch,
+step, rank)`, so masks do not depend on timing. Until an online/momentum teacher has weights
+(version -1) the server sends random masks stamped teacher_version -1.
+Staleness = the rank's latest reported global step (epoch * steps + step) - the teacher's step:
+the trainer sends weights stamped with its global step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import zmq
+
+from maskserver import protocol as P
+from maskserver.client import batch_generator
+from maskserver.strategies import STRATEGIES, get_strategy, pack_mask, plb_update, random_mask
+from pipeline.plan import CROPS, PlanConfig, ViewConfig
+
+log = logging.getLogger("mimpipe.maskserver")
+MAX_ERROR_REPLIES = 100  # per peer: a rogue sender is not answered forever (amplification)
+
+
+# ---- configuration shared with the trainer ----
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """The PlanConfig options; the trainer adds the same ones, so both ends build the same plan."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's")
+    p.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
+    p.add_argument("--remainder", default="pad", choices=("pad", "drop"))
+    p.add_argument("--views", default="rrc", help="comma list of CROP[+color], CROP in "
+                   f"{', '.join(CROPS)}; e.g. 'src,src+color' for LUT")
+    p.add_argument("--crop-scale", default="0.2,1.0", help="rrc scale range (MAE: 0.2,1.0)")
+    p.add_argument("--flip", type=float, default=0.5)
+
+
+def plan_config_from_args(args: argparse.Namespace, img_size: int | None = None) -> PlanConfig:
+    """The one place a PlanConfig is built from the command line (trainer and mask server)."""
+    lo, hi = (float(x) for x in args.crop_scale.split(","))
+    views = []
+    for spec in args.views.split(","):
+        crop, _, extra = spec.strip().partition("+")
+        if extra not in ("", "color"):
+            raise ValueError(f"--views {args.views!r}: {spec!r}: expected CROP or CROP+color")
+        views.append(ViewConfig(crop=crop, scale=(lo, hi), flip=args.flip, color=extra == "color"))
+    size = args.img_size if args.img_size is not None else img_size
+    if size is None:
+        raise ValueError("--img-size is required (no model to take it from)")
+    return PlanConfig(seed=args.seed, batch_size=args.batch_size, world_size=args.world_size, img_size=size,
+                      interpolation=args.interpolation, remainder=args.remainder, views=tuple(views))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    strategy: str
+    ratio: float = 0.75
+    block: int | None = None
+    ranks: tuple[int, ...] = (0,)
+    max_ahead: int = 4
+    heartbeat: float = 1.0
+    epochs: int = 100  # progress = epoch / epochs (gpa's soft-to-hard schedule)
+    lut: bool = False  # also send LUT targets (momentum teacher, two views)
+    options: tuple[tuple[str, object], ...] = ()  # strategy keyword options, e.g. (("head", 1),)
+
+
+@dataclass
+class RankState:
+    rank: int
+    identity: bytes
+    restart_id: str
+    cursor: tuple[int, int]  # next batch to send (socket thread)
+    credits: int
+    last_seen: float
+    start: tuple[int, int] = (0, 0)  # where the worker (re)starts; set by HELLO
+    generation: int = 0
+    queue: "queue.Queue" = field(default_factory=queue.Queue)
+    seq: int = 0
+    sent: int = 0
+    reported: tuple[int, int] = (0, 0)
+    last_sent: float = 0.0
+    stop: threading.Event = field(default_factory=threading.Event)
+    worker: threading.Thread | None = None
+
+
+class MaskServer:
+    """The core: message handling and the per-rank workers. No socket here (see `serve`)."""
+
+    def __init__(self, cfg: ServerConfig, teacher, make_loader, plan_hash: str, steps: int, seed: int,
+                 world_size: int):
+        """make_loader(rank) -> a Loader of that rank (called in the rank's worker thread)."""
+        self.cfg, self.teacher, self.make_loader, self.world_size = cfg, teacher, make_loader, world_size
+        self.plan_hash, self.steps, self.seed = plan_hash, steps, seed
+        self.server_id = uuid.uuid4().hex[:16]
+        self.num_patches = teacher.cfg.num_patches
+        self.ranks: dict[int, RankState] = {}
+        self.workers: list[threading.Thread] = []  # joined at shutdown (a thread inside DALI at exit aborts)
+        self.by_identity: dict[bytes, int] = {}
+        self.lock = threading.Lock()  # the teacher, pending weights, PLB state
+        self.assembler = P.WeightAssembler(version=teacher.version)
+        self.pending = None  # Weights waiting for the next batch boundary
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (identity, frames) from workers
+        self.feedback_seen: set[tuple[int, int, int]] = set()
+        self.plb_epoch, self.plb_sum, self.plb_count, self.plb_prev = None, None, None, None
+        self.head_probs = None
+        self.counts = {"batches": 0, "bad_frames": 0, "rejected": 0, "errors_sent": 0, "send_dropped": 0,
+                       "weights_applied": 0, "feedback": 0, "feedback_dup": 0}
+        self.freed: list[dict] = []
+        self.peer_errors: dict[bytes, int] = {}
+
+    # ---- inbound ----
+    def handle(self, identity: bytes, frames: list, now: float) -> None:
+        """One message from `identity`; replies go to self.outbox. Never raises on peer input."""
+        try:
+            msg = P.decode(frames)
+        except P.ProtocolError as e:
+            self.counts["bad_frames"] += 1
+            log.debug("peer %s: %s", identity.hex(), e)
+            return self._error(identity, e.code, e.message)
+        rank = self.by_identity.get(identity)
+        st = self.ranks.get(rank) if rank is not None else None
+        if st is not None:
+            st.last_seen = now
+        if msg.type == P.HELLO:
+            return self._hello(identity, msg.fields, now)
+        if st is None:
+            return self._error(identity, P.E_STATE, f"{msg.type} from an unregistered peer; send HELLO")
+        if msg.type in (P.CREDIT, P.FEEDBACK) and msg.fields["rank"] != st.rank:
+            return self._error(identity, P.E_STATE, f"rank {st.rank}: message names rank {msg.fields['rank']}")
+        if msg.type == P.CREDIT:
+            st.credits = min(P.MAX_CREDITS, st.credits + msg.fields["n"])
+        elif msg.type == P.WEIGHTS:
+            self._weights(identity, st, msg)
+        elif msg.type == P.FEEDBACK:
+            self._feedback(st, msg)
+        elif msg.type == P.BYE:
+            self.free(st.rank, "bye")
+        elif msg.type in (P.HEARTBEAT, P.ERROR):
+            if msg.type == P.ERROR:
+                log.warning("rank %d says: %s: %s", st.rank, msg.fields["code"], msg.fields["message"])
+        else:
+            self._error(identity, P.E_TYPE, f"rank {st.rank}: a server does not take {msg.type!r}")
+
+    def _error(self, identity: bytes, code: str, message: str) -> None:
+        """Reject a message: count it, log the first few per peer, answer up to MAX_ERROR_REPLIES."""
+        self.counts["rejected"] += 1
+        n = self.peer_errors.get(identity, 0) + 1
+        if len(self.peer_errors) > 10000:  # bounded memory under a flood of new identities
+            self.peer_errors.clear()
+        self.peer_errors[identity] = n
+        if n <= 3:
+            log.warning("peer %s: rejected: %s: %s", identity.hex()[:16], code, message[:200])
+        if n <= MAX_ERROR_REPLIES:
+            self.counts["errors_sent"] += 1
+            self.outbox.put((identity, P.ProtocolError(code, message).frames()))
+
+    def _hello(self, identity: bytes, f: dict, now: float) -> None:
+        rank = f["rank"]
+        if f["plan_hash"] != self.plan_hash or f["world_size"] != self.world_size:
+            log.warning("rank %d: plan mismatch: trainer %s (world %d), server %s (world %d)", rank,
+                        f["plan_hash"], f["world_size"], self.plan_hash, self.world_size)
+            return self._error(identity, P.E_PLAN, f"rank {rank}: plan hash {f['plan_hash']} (world size "
+                               f"{f['world_size']}) != mask server's {self.plan_hash} (world size "
+                               f"{self.world_size}): check dataset, seed, batch size, views, img size")
+        # E_PLAN: a configuration error the trainer cannot fix by retrying (E_STATE means "send HELLO")
+        if rank not in self.cfg.ranks:
+            return self._error(identity, P.E_PLAN, f"rank {rank}: this server serves ranks {list(self.cfg.ranks)}")
+        epoch, step = f["cursor"]
+        if step > self.steps:
+            return self._error(identity, P.E_PLAN, f"rank {rank}: plan cursor {f['cursor']} > epoch length "
+                               f"{self.steps}")
+        if step == self.steps:
+            epoch, step = epoch + 1, 0
+        st = self.ranks.get(rank)
+        if st is None:
+            st = self.ranks[rank] = RankState(rank, identity, f["restart_id"], (epoch, step), 0, now,
+                                              queue=queue.Queue(self.cfg.max_ahead))
+            what = "registered"
+        else:
+            what = "restarted trainer" if f["restart_id"] != st.restart_id else "re-registered"
+        self.by_identity.pop(st.identity, None)
+        st.identity, st.restart_id, st.cursor, st.last_seen = identity, f["restart_id"], (epoch, step), now
+        st.credits, st.seq, st.reported = f["credits"], 0, (epoch, step)
+        st.start = (epoch, step)
+        st.generation += 1  # after start: the worker reads generation first
+        _drain(st.queue)
+        self.by_identity[identity] = rank
+        self.peer_errors.pop(identity, None)
+        if st.worker is None:
+            st.worker = threading.Thread(target=self._work, args=(st,), name=f"mimpipe-mask-r{rank}", daemon=True)
+            st.worker.start()
+            self.workers = [w for w in self.workers if w.is_alive()] + [st.worker]
+        log.info("rank %d: %s at cursor (%d, %d), %d credits", rank, what, epoch, step, st.credits)
+        self.outbox.put((identity, P.encode(P.WELCOME, {
+            "server_id": self.server_id, "plan_hash": self.plan_hash, "teacher_version": self.teacher.version,
+            "strategy": self.cfg.strategy, "num_patches": self.num_patches, "cursor": [epoch, step]})))
+
+    def _weights(self, identity: bytes, st: RankState, msg: P.Message) -> None:
+        try:
+            w = self.assembler.add(msg)
+        except P.ProtocolError as e:
+            return self._error(identity, e.code, f"rank {st.rank}: {e.message}")
+        if w is not None:
+            with self.lock:
+                self.pending = w
+            log.info("rank %d: weights v%d (step %d) complete; applied before the next batch",
+                     st.rank, w.version, w.step)
+
+    def _feedback(self, st: RankState, msg: P.Message) -> None:
+        f = msg.fields
+        key = (st.rank, f["epoch"], f["step"])
+        if key in self.feedback_seen:
+            self.counts["feedback_dup"] += 1
+            return
+        self.feedback_seen.add(key)
+        st.reported = max(st.reported, (f["epoch"], f["step"]))
+        s = torch.from_numpy(msg.arrays["head_loss_sum"].astype(np.float64))
+        c = torch.from_numpy(msg.arrays["head_count"].astype(np.int64))
+        with self.lock:
+            if self.plb_epoch is not None and f["epoch"] > self.plb_epoch:
+                self._plb_epoch_end()
+            if self.plb_sum is not None and self.plb_sum.shape != s.shape:
+                return log.warning("rank %d: feedback for %d heads, expected %d; ignored", st.rank,
+                                   len(s), len(self.plb_sum))
+            if self.plb_epoch is None or f["epoch"] >= self.plb_epoch:
+                self.plb_epoch = f["epoch"]
+                self.plb_sum = s if self.plb_sum is None else self.plb_sum + s
+                self.plb_count = c if self.plb_count is None else self.plb_count + c
+        self.counts["feedback"] += 1
+
+    def _plb_epoch_end(self) -> None:
+        """PLB (METHODS 5.3): p <- plb_update at the end of each epoch; idm samples heads from p."""
+        M = len(self.plb_sum)
+        p = self.head_probs if self.head_probs is not None else torch.full((M,), 1.0 / M, dtype=torch.float64)
+        try:
+            self.head_probs, self.plb_prev = plb_update(p, self.plb_sum, self.plb_count, self.plb_prev)
+            log.info("PLB after epoch %d: p = %s", self.plb_epoch, np.round(self.head_probs.numpy(), 4).tolist())
+        except ValueError as e:
+            log.warning("PLB update after epoch %d skipped: %s", self.plb_epoch, e)
+        self.feedback_seen = {k for k in self.feedback_seen if k[1] > self.plb_epoch}
+        self.plb_sum = self.plb_count = None
+
+    def free(self, rank: int, why: str) -> None:
+        st = self.ranks.pop(rank, None)
+        if st is None:
+            return
+        self.by_identity.pop(st.identity, None)
+        st.stop.set()
+        _drain(st.queue)
+        self.freed.append({"rank": rank, "why": why, "time": time.time()})
+        log.warning("rank %d: %s; its producer and queue are freed", rank, why)
+
+    # ---- outbound (socket thread) ----
+    def ready(self, now: float):
+        """(identity, frames) to send now: worker replies, MASKS for ranks with credit, heartbeats."""
+        while True:
+            try:
+                yield self.outbox.get_nowait()
+            except queue.Empty:
+                break
+        for st in list(self.ranks.values()):
+            if now - st.last_seen > 3 * self.cfg.heartbeat:
+                self.free(st.rank, f"silent for {now - st.last_seen:.1f}s (> 3 heartbeats)")
+                continue
+            while st.credits > 0:
+                try:
+                    gen, epoch, step, fields, arrays = st.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if gen != st.generation:
+                    continue
+                st.credits -= 1
+                st.sent += 1
+                st.cursor = (epoch, step + 1)
+                self.counts["batches"] += 1
+                yield st.identity, P.encode(P.MASKS, {**fields, "seq": st.seq}, arrays, check=False)
+                st.seq += 1
+                st.last_sent = now
+            if now - st.last_sent > self.cfg.heartbeat:
+                st.last_sent = now
+                yield st.identity, P.encode(P.HEARTBEAT, {"restart_id": self.server_id})
+
+    def bye(self):
+        for st in list(self.ranks.values()):
+            yield st.identity, P.encode(P.BYE, {})
+            self.free(st.rank, "server shutting down")
+
+    # ---- the rank worker ----
+    def _work(self, st: RankState) -> None:
+        loader = None
+        try:
+            loader = self.make_loader(st.rank)
+            while not st.stop.is_set():
+                # read generation before start: HELLO writes start before it bumps generation
+                gen = st.generation
+                epoch, step = st.start
+                while not st.stop.is_set() and gen == st.generation:
+                    with closing(loader.epoch(epoch, step)) as batches:
+                        for batch in batches:
+                            if st.stop.is_set() or gen != st.generation:
+                                break
+                            item = (gen, batch.epoch, batch.step, *self._masks(st.rank, batch))
+                            while not (st.stop.is_set() or gen != st.generation):
+                                try:
+                                    st.queue.put(item, timeout=0.1)  # at most --max-ahead batches ahead
+                                    break
+                                except queue.Full:
+                                    pass
+                    epoch, step = epoch + 1, 0
+        except Exception as e:  # noqa: BLE001 - a data/teacher failure of one rank must be visible
+            log.exception("rank %d: mask worker failed", st.rank)
+            self.outbox.put((st.identity, P.encode(P.ERROR, {"code": P.E_INTERNAL,
+                                                             "message": f"rank {st.rank}: {e!r}"[:4000]})))
+        finally:
+            if loader is not None:
+                loader.close()
+
+    def _masks(self, rank: int, batch) -> tuple[dict, dict]:
+        """One decoded batch -> MASKS fields and arrays (pure apart from the teacher)."""
+        g = batch_generator(self.seed, batch.epoch, batch.step, rank, self.teacher.device)
+        n = batch.images.shape[0]
+        with self.lock:
+            w = self.pending
+            if w is not None and w.version > self.teacher.version:
+                try:
+                    if self.teacher.load_state(w.state, w.version, w.step):
+                        self.counts["weights_applied"] += 1
+                        log.info("teacher now at weights v%d (step %d)", w.version, w.step)
+                except ValueError as e:
+                    log.error("weights v%d rejected: %s", w.version, e)
+                self.pending = None
+            version = self.teacher.version
+            tstep = self.teacher.step if self.teacher.step is not None else -1
+            strategy = get_strategy(self.cfg.strategy)
+            if version < 0 and strategy.needs != "none":
+                mask = random_mask(n, self.num_patches, self.cfg.ratio, generator=g, device=g.device)
+                out_mask, len_keep, extras = mask, (~mask).sum(1), {}
+            else:
+                out = self.teacher.compute(batch.images, self.cfg.strategy, ratio=self.cfg.ratio, generator=g,
+                                           progress=batch.epoch / self.cfg.epochs, block=self.cfg.block,
+                                           head_probs=None if self.head_probs is None else self.head_probs.float(),
+                                           options=dict(self.cfg.options))
+                out_mask, len_keep, extras = out.mask, out.len_keep, dict(out.extras)
+                if self.cfg.lut and batch.view2 is not None and version >= 0:
+                    extras["lut_t1"], extras["lut_t2"] = self.teacher.lut_targets(batch.images, batch.view2)
+        arrays = {"mask": pack_mask(out_mask.cpu()).numpy(), "len_keep": len_keep.cpu().to(torch.int32).numpy()}
+        for k, v in extras.items():
+            v = v.detach().cpu()
+            arrays[k] = v.to(torch.int64) if k == "heads" else v.to(torch.float16)
+        fields = {"rank": rank, "epoch": batch.epoch, "step": batch.step,
+                  "checksum": P.checksum(batch.sample_ids.numpy()), "n": n, "num_patches": self.num_patches,
+                  "teacher_version": version, "teacher_step": tstep}
+        return fields, arrays
+
+    # ---- stats ----
+    def stats(self, now: float, rate: float) -> dict:
+        tstep = self.teacher.step if self.teacher.step is not None else -1
+        ranks = {}
+        for r, st in self.ranks.items():
+            e, s = st.reported
+            ranks[str(r)] = {"queue": st.queue.qsize(), "credits": st.credits, "sent": st.sent,
+                             "cursor": list(st.cursor), "last_seen_s": round(now - st.last_seen, 3),
+                             "staleness": e * self.steps + s - tstep if tstep >= 0 else None}
+        return {"server_id": self.server_id, "time": time.time(), "batches_per_s": round(rate, 2),
+                "teacher_version": self.teacher.version, "teacher_step": tstep, "ranks": ranks,
+                "freed": self.freed, **self.counts}
+
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
+# ---- the socket shell ----
+def make_socket(ctx: zmq.Context, bind: str, curve_dir: str | None):
+    """The ROUTER, bound; with CURVE, only the public keys in curve_dir/clients may connect."""
+    auth = None
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)  # an oversized frame disconnects its sender
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    if curve_dir:
+        from zmq.auth.thread import ThreadAuthenticator
+        from maskserver.keys import server_keys
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        clients = Path(curve_dir) / "clients"
+        if not clients.is_dir():
+            raise ValueError(f"--curve {curve_dir}: no clients/ folder of public keys (run `mimpipe keys`)")
+        auth.configure_curve(domain="*", location=str(clients))
+        sock.curve_publickey, sock.curve_secretkey = server_keys(curve_dir)
+        sock.curve_server = True
+    sock.bind(bind)
+    return sock, auth
+
+
+def serve(server: MaskServer, sock: zmq.Socket, stop: threading.Event, *, stats_every: float = 10.0,
+          stats_file: str | None = None) -> None:
+    """The serve loop: receive, handle, send what is ready; never blocks longer than a poll."""
+    poll_ms = max(1, int(min(0.05, server.cfg.heartbeat / 4) * 1000))
+    t_stats, sent_before = time.monotonic(), 0
+    while not stop.is_set():
+        now = time.monotonic()
+        for _ in range(100) if sock.poll(poll_ms) else ():  # bounded burst, then send
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if len(frames) >= 2:  # [identity, *message]; anything else has no sender to answer
+                server.handle(frames[0].bytes, [f.buffer for f in frames[1:]], now)
+            else:
+                server.counts["bad_frames"] += 1
+        for identity, frames in server.ready(time.monotonic()):
+            try:
+                sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:  # peer gone or its pipe full: heartbeats/credits recover
+                server.counts["send_dropped"] += 1
+        if now - t_stats >= stats_every:
+            rate = (server.counts["batches"] - sent_before) / (now - t_stats)
+            report(server.stats(now, rate), stats_file)
+            t_stats, sent_before = now, server.counts["batches"]
+    for identity, frames in server.bye():
+        try:
+            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+    report(server.stats(time.monotonic(), 0.0), stats_file)
+
+
+def report(stats: dict, path: str | None) -> None:
+    ranks = " ".join(f"r{r}:q{v['queue']}/c{v['credits']}/s{v['staleness']}" for r, v in stats["ranks"].items())
+    log.info("%.1f batches/s, teacher v%d, ranks %s, bad frames %d, freed %d", stats["batches_per_s"],
+             stats["teacher_version"], ranks or "-", stats["bad_frames"], len(stats["freed"]))
+    if path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, path)  # readers never see a half-written file
+
+
+# ---- the command ----
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--strategy", required=True, choices=tuple(STRATEGIES))
+    p.add_argument("--model", required=True, help="teacher architecture, e.g. mae_vit_base_patch16")
+    p.add_argument("--source", default="online", help="online | momentum | frozen:PATH")
+    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--block", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--decoder", default="dali", choices=("dali", "pil"))
+    p.add_argument("--threads", type=int, default=1, help="decoder threads per rank")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    p.add_argument("--ranks", default=None, help="comma list of ranks served (default: all)")
+    p.add_argument("--max-ahead", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=100, help="for progress = epoch / epochs (gpa)")
+    p.add_argument("--lut", action="store_true", help="send LUT targets (momentum teacher, 2 views)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy option, repeatable (e.g. head=1 for gpa on a 2-head model)")
+    p.add_argument("--stats-file", default=None)
+    p.add_argument("--stats-every", type=float, default=10.0, help="seconds")
+    p.add_argument("--curve", default=None, help="key folder from `mimpipe keys`: CURVE auth on")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds; 3 silent intervals = dead")
+    add_plan_arguments(p)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """'head=11' -> ('head', 11): JSON values (numbers, true/false), else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise ValueError(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def main(args: argparse.Namespace) -> int:
+    from maskserver.teacher import Teacher
+    from pipeline.loader import Loader
+    from pipeline.manifest import load_manifest
+    from pipeline.plan import Plan
+    from train.model import model_config
+
+    manifest = load_manifest(args.shards)
+    plan_cfg = plan_config_from_args(args, model_config(args.model).img_size)
+    ranks = tuple(range(args.world_size)) if args.ranks is None else \
+        tuple(int(r) for r in args.ranks.split(",") if r.strip())
+    bad = [r for r in ranks if not 0 <= r < args.world_size]
+    if bad:
+        raise ValueError(f"--ranks {args.ranks}: ranks {bad} outside world size {args.world_size}")
+    cfg = ServerConfig(args.strategy, args.ratio, args.block, ranks, args.max_ahead, args.heartbeat,
+                       args.epochs, args.lut, tuple(parse_option(o) for o in args.option))
+    teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device)
+    plan = Plan(manifest, plan_cfg, ranks[0] if ranks else 0)
+
+    def make_loader(rank: int):
+        return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2)
+
+    server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ctx = zmq.Context()
+    sock, auth = make_socket(ctx, args.bind, args.curve)
+    log.info("mask server %s: %s on %s, teacher %s (%s, v%d), ranks %s, plan %s, %d steps/epoch, "
+             "%d patches", server.server_id, args.strategy, args.bind, args.model, args.source, teacher.version,
+             list(ranks), plan.hash, plan.steps, server.num_patches)
+    print(f"mimpipe maskserver: ready on {args.bind} (server_id {server.server_id}, plan {plan.hash})",
+          flush=True)
+    try:
+        serve(server, sock, stop, stats_every=args.stats_every, stats_file=args.stats_file)
+    finally:
+        for st in list(server.ranks.values()):
+            server.free(st.rank, "server shutting down")
+        for w in server.workers:
+            w.join(5.0)
+        sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
+        ctx.term()
+    log.info("mask server %s stopped", server.server_id)
+    return 0

@@ -1,0 +1,115 @@
+"""Helpers for tests/test_maskserver.py: start a mask server process, run a trainer-like client.
+
+Run as a script, it is a client process: `python tests/maskserver_helpers.py ENDPOINT SHARDS OUT
+--rank R --world-size W --batch-size B --epochs E [--hold]` writes one JSON line per batch handed
+out (flushed), so a test can read what a killed client got.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "mae_vit_micro_patch8_64"
+L = 64
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(shards, endpoint: str, log_path, *, world_size=2, batch_size=4, strategy="sbam",
+                 extra=(), ready_timeout=60.0) -> subprocess.Popen:
+    """The server as its own process; returns once it printed 'ready' (or raises, having killed it)."""
+    cmd = [sys.executable, "-m", "tools.cli", "maskserver", "--shards", str(shards), "--strategy", strategy,
+           "--model", MODEL, "--bind", endpoint, "--world-size", str(world_size), "--batch-size",
+           str(batch_size), "--seed", "0", *map(str, extra)]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if b"ready on" in Path(log_path).read_bytes():
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    kill(proc)
+    raise RuntimeError(f"mask server did not start: {Path(log_path).read_text()[-3000:]}")
+
+
+def kill(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def start_client(endpoint, shards, out, *, rank, world_size=2, batch_size=4, epochs=1, hold=False,
+                 extra=()) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, endpoint, str(shards), str(out), "--rank", str(rank), "--world-size",
+           str(world_size), "--batch-size", str(batch_size), "--epochs", str(epochs),
+           *(["--hold"] if hold else []), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=open(f"{out}.log", "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def read_lines(path) -> list[dict]:
+    p = Path(path)
+    return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+
+
+def record(mb, epoch, step, ids) -> dict:
+    from maskserver.protocol import checksum
+    return {"epoch": epoch, "step": step, "checksum": checksum(ids), "fallback": mb.fallback,
+            "version": mb.teacher_version, "len_keep": mb.len_keep.tolist(),
+            "visible": (~mb.mask).sum(1).tolist(), "shape": list(mb.mask.shape)}
+
+
+def _main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from maskserver.client import MaskClient
+    from pipeline.manifest import load_manifest
+    from pipeline.plan import Plan, PlanConfig
+    ap = argparse.ArgumentParser()
+    ap.add_argument("endpoint")
+    ap.add_argument("shards")
+    ap.add_argument("out")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--policy", default="fail")
+    ap.add_argument("--mask-timeout", type=float, default=30.0)
+    ap.add_argument("--hold", action="store_true", help="after the last batch, stay connected")
+    a = ap.parse_args()
+    plan = Plan(load_manifest(a.shards), PlanConfig(seed=0, batch_size=a.batch_size, world_size=a.world_size,
+                                                     img_size=64), a.rank)
+    client = MaskClient(a.endpoint, rank=a.rank, world_size=a.world_size, plan_hash=plan.hash,
+                        num_patches=L, ratio=0.75, seed=0, policy=a.policy, mask_timeout=a.mask_timeout,
+                        heartbeat=0.5)
+    with open(a.out, "w") as f:
+        for e in range(a.epochs):
+            for s in range(plan.steps):
+                ids = plan.batch(e, s).sample_ids
+                f.write(json.dumps(record(client.get(e, s, ids), e, s, ids)) + "\n")
+                f.flush()
+    while a.hold:
+        time.sleep(0.1)
+    client.close()
+
+
+if __name__ == "__main__":
+    _main()
