@@ -37,43 +37,13 @@ import zmq
 from maskserver import protocol as P
 from maskserver.client import batch_generator
 from maskserver.strategies import STRATEGIES, get_strategy, pack_mask, plb_update, random_mask
-from pipeline.plan import CROPS, PlanConfig, ViewConfig
+from pipeline.plan import add_plan_arguments, plan_config_from_args
 
 log = logging.getLogger("mimpipe.maskserver")
 MAX_ERROR_REPLIES = 100  # per peer: a rogue sender is not answered forever (amplification)
 
 
 # ---- configuration shared with the trainer ----
-def add_plan_arguments(p: argparse.ArgumentParser) -> None:
-    """The PlanConfig options; the trainer adds the same ones, so both ends build the same plan."""
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
-    p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--img-size", type=int, default=None, help="default: the model's")
-    p.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
-    p.add_argument("--remainder", default="pad", choices=("pad", "drop"))
-    p.add_argument("--views", default="rrc", help="comma list of CROP[+color], CROP in "
-                   f"{', '.join(CROPS)}; e.g. 'src,src+color' for LUT")
-    p.add_argument("--crop-scale", default="0.2,1.0", help="rrc scale range (MAE: 0.2,1.0)")
-    p.add_argument("--flip", type=float, default=0.5)
-
-
-def plan_config_from_args(args: argparse.Namespace, img_size: int | None = None) -> PlanConfig:
-    """The one place a PlanConfig is built from the command line (trainer and mask server)."""
-    lo, hi = (float(x) for x in args.crop_scale.split(","))
-    views = []
-    for spec in args.views.split(","):
-        crop, _, extra = spec.strip().partition("+")
-        if extra not in ("", "color"):
-            raise ValueError(f"--views {args.views!r}: {spec!r}: expected CROP or CROP+color")
-        views.append(ViewConfig(crop=crop, scale=(lo, hi), flip=args.flip, color=extra == "color"))
-    size = args.img_size if args.img_size is not None else img_size
-    if size is None:
-        raise ValueError("--img-size is required (no model to take it from)")
-    return PlanConfig(seed=args.seed, batch_size=args.batch_size, world_size=args.world_size, img_size=size,
-                      interpolation=args.interpolation, remainder=args.remainder, views=tuple(views))
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     strategy: str
@@ -470,7 +440,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", required=True, help="shard folder with manifest.json")
     p.add_argument("--strategy", required=True, choices=tuple(STRATEGIES))
     p.add_argument("--model", required=True, help="teacher architecture, e.g. mae_vit_base_patch16")
-    p.add_argument("--source", default="online", help="online | momentum | frozen:PATH")
+    p.add_argument("--source", default=None, help="online | momentum | frozen:PATH (default: the "
+                   "strategy's paper choice; momentum for gpa without a checkpoint)")
     p.add_argument("--ratio", type=float, default=0.75)
     p.add_argument("--block", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -502,7 +473,7 @@ def parse_option(text: str) -> tuple[str, object]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from maskserver.teacher import Teacher
+    from maskserver.teacher import Teacher, default_source
     from pipeline.loader import Loader
     from pipeline.manifest import load_manifest
     from pipeline.plan import Plan
@@ -517,7 +488,10 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--ranks {args.ranks}: ranks {bad} outside world size {args.world_size}")
     cfg = ServerConfig(args.strategy, args.ratio, args.block, ranks, args.max_ahead, args.heartbeat,
                        args.epochs, args.lut, tuple(parse_option(o) for o in args.option))
-    teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device)
+    # LUT's projector travels only when LUT targets are served; otherwise the EMA encoder is all
+    args.source = args.source or default_source(args.strategy)
+    teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device,
+                      projector_hidden=4096 if args.lut else None)
     plan = Plan(manifest, plan_cfg, ranks[0] if ranks else 0)
 
     def make_loader(rank: int):

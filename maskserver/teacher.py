@@ -38,6 +38,13 @@ DEFAULT_SOURCE = {"sbam": "online", "amr": "online", "gpa": "frozen",
 PROJECTOR = "projector."
 
 
+def default_source(strategy: str) -> str:
+    """The paper's teacher where it needs no file. GPA's frozen pre-trained ViT cannot be assumed
+    on disk, so gpa falls back to the momentum teacher (a deviation the teacher logs)."""
+    source = DEFAULT_SOURCE.get(strategy, "momentum")
+    return "momentum" if source == "frozen" else source
+
+
 def cls_attention(q: Tensor, k: Tensor) -> Tensor:
     """q, k: [N, H, T, dh], cls first -> [N, H, L] fp32: softmax(q_0 kᵀ / sqrt(dh)) over all T keys
     (the cls key included, as AttMask's `attn[:, :, 0, 1:]`), then the L patch columns, unrenormalized.

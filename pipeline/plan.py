@@ -13,6 +13,7 @@ of the epoch's (shuffled, so different every epoch) order out.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -254,3 +255,35 @@ def plan_hash(manifest, cfg: PlanConfig) -> str:
         h.update(np.ascontiguousarray(t[col]).tobytes())
     h.update(json.dumps({"plan": PLAN_VERSION, **asdict(cfg)}, sort_keys=True).encode())
     return h.hexdigest()[:32]
+
+
+def add_plan_arguments(p: argparse.ArgumentParser, *, world_size: bool = True) -> None:
+    """The PlanConfig options; the trainer adds the same ones (its world size comes from torchrun),
+    so both ends build the same plan."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    if world_size:
+        p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's")
+    p.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
+    p.add_argument("--remainder", default="pad", choices=("pad", "drop"))
+    p.add_argument("--views", default="rrc", help="comma list of CROP[+color], CROP in "
+                   f"{', '.join(CROPS)}; e.g. 'src,src+color' for LUT")
+    p.add_argument("--crop-scale", default="0.2,1.0", help="rrc scale range (MAE: 0.2,1.0)")
+    p.add_argument("--flip", type=float, default=0.5)
+
+
+def plan_config_from_args(args: argparse.Namespace, img_size: int | None = None) -> PlanConfig:
+    """The one place a PlanConfig is built from the command line (trainer and mask server)."""
+    lo, hi = (float(x) for x in args.crop_scale.split(","))
+    views = []
+    for spec in args.views.split(","):
+        crop, _, extra = spec.strip().partition("+")
+        if extra not in ("", "color"):
+            raise ValueError(f"--views {args.views!r}: {spec!r}: expected CROP or CROP+color")
+        views.append(ViewConfig(crop=crop, scale=(lo, hi), flip=args.flip, color=extra == "color"))
+    size = args.img_size if args.img_size is not None else img_size
+    if size is None:
+        raise ValueError("--img-size is required (no model to take it from)")
+    return PlanConfig(seed=args.seed, batch_size=args.batch_size, world_size=args.world_size, img_size=size,
+                      interpolation=args.interpolation, remainder=args.remainder, views=tuple(views))

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from maskserver.client import MaskClient, batch_generator
 from maskserver.strategies import random_mask
-from maskserver.teacher import DEFAULT_SOURCE, Teacher
-from pipeline.plan import batch_seed
+from maskserver.teacher import Teacher, default_source
 
 
 @dataclass
@@ -25,16 +25,12 @@ class Masks:
     fallback: bool = False             # random masks because the server did not answer in time
 
 
-def generator_for(seed: int, epoch: int, step: int, rank: int, device="cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(batch_seed(seed, epoch, step, rank))
-
-
 class RandomMasks:
     def __init__(self, num_patches: int, ratio: float, seed: int, rank: int):
         self.L, self.ratio, self.seed, self.rank = num_patches, ratio, seed, rank
 
     def get(self, batch) -> Masks:
-        g = generator_for(self.seed, batch.epoch, batch.step, self.rank)
+        g = batch_generator(self.seed, batch.epoch, batch.step, self.rank)
         return Masks(random_mask(len(batch.sample_ids), self.L, self.ratio, generator=g))
 
     def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
@@ -52,13 +48,13 @@ class InloopMasks:
                  device="cpu", epochs: int = 1):
         self.strategy, self.ratio, self.seed, self.rank = strategy, ratio, seed, rank
         self.block, self.options, self.epochs = block, options or {}, epochs
-        self.teacher = Teacher(model, source or DEFAULT_SOURCE.get(strategy, "momentum"),
+        self.teacher = Teacher(model, source or default_source(strategy),
                                strategy=strategy, block=block, projector_hidden=None, device=device)
         self.head_probs = None   # PLB's p for idm; None = uniform
 
     def get(self, batch) -> Masks:
         t0 = time.perf_counter()
-        g = generator_for(self.seed, batch.epoch, batch.step, self.rank, self.teacher.device)
+        g = batch_generator(self.seed, batch.epoch, batch.step, self.rank, self.teacher.device)
         out = self.teacher.compute(batch.images, self.strategy, ratio=self.ratio, generator=g,
                                    progress=batch.epoch / self.epochs, head_probs=self.head_probs,
                                    block=self.block, options=self.options)
@@ -74,3 +70,36 @@ class InloopMasks:
 
     def close(self) -> None:
         pass
+
+
+class ServerMasks:
+    """Masks from a mask server (maskserver/client.py); the trainer's weights go back to it."""
+
+    def __init__(self, endpoint: str, *, strategy: str, model: str, source: str | None, rank: int,
+                 world_size: int, plan_hash: str, cursor: tuple[int, int], num_patches: int,
+                 ratio: float, seed: int, credits: int, mask_timeout: float, policy: str,
+                 heartbeat: float):
+        self.kind = (source or default_source(strategy)).split(":", 1)[0]
+        self.prefixes = Teacher.state_for(strategy, model) if self.kind == "online" else ("",)
+        self.client = MaskClient(endpoint, rank=rank, world_size=world_size, plan_hash=plan_hash,
+                                 cursor=cursor, credits=credits, mask_timeout=mask_timeout,
+                                 policy=policy, heartbeat=heartbeat, num_patches=num_patches,
+                                 ratio=ratio, seed=seed)
+        self.rank, self.needs_weights = rank, strategy != "random" and self.kind != "frozen"
+
+    def get(self, batch) -> Masks:
+        t0 = time.perf_counter()
+        mb = self.client.get(batch.epoch, batch.step, batch.sample_ids.numpy())
+        return Masks(mb.mask, mb.targets, mb.teacher_version,
+                     None if mb.teacher_step < 0 else mb.teacher_step, time.perf_counter() - t0, mb.fallback)
+
+    def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
+        """Rank 0 uploads; the server shares one teacher between the ranks it serves."""
+        if self.rank != 0 or not self.needs_weights:
+            return
+        src = (student if self.kind == "online" else ema).state_dict()
+        self.client.send_weights({k: v for k, v in src.items() if k.startswith(self.prefixes)},
+                                 version=step, step=step)
+
+    def close(self) -> None:
+        self.client.close()

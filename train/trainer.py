@@ -17,14 +17,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from pipeline.loader import Loader
 from pipeline.manifest import load_manifest
-from pipeline.plan import PlanConfig, ViewConfig
-from train.masks import InloopMasks, RandomMasks
+from pipeline.plan import add_plan_arguments, plan_config_from_args
+from train.masks import InloopMasks, RandomMasks, ServerMasks
 from train.model import create_model, model_config
 from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
@@ -54,6 +55,19 @@ class TrainConfig:
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
     log_every: int = 1
+    # the plan (pipeline/plan.py add_plan_arguments): must match the mask server's
+    img_size: int | None = None
+    interpolation: str = "bicubic"
+    remainder: str = "pad"
+    views: str = "rrc"
+    crop_scale: str = "0.2,1.0"
+    flip: float = 0.5
+    # mask server client (--masks tcp://...)
+    strategy: str = "sbam"           # what the server runs: decides which weights to send it
+    credits: int = 4
+    mask_timeout: float = 30.0
+    mask_policy: str = "wait"
+    heartbeat: float = 1.0
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -63,13 +77,22 @@ def setup_distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def make_masks(cfg: TrainConfig, rank: int, num_patches: int):
+def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_hash: str,
+               cursor: tuple[int, int]):
     if cfg.masks == "random":
         return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
     if cfg.masks.startswith("inloop:"):
         return InloopMasks(cfg.masks.split(":", 1)[1], cfg.model, ratio=cfg.mask_ratio, seed=cfg.seed,
                            rank=rank, source=cfg.teacher_source, epochs=cfg.epochs)
-    raise ValueError(f"--masks {cfg.masks!r}: choose random, inloop:<strategy> or tcp://host:port")
+    if cfg.masks.startswith(("tcp://", "ipc://")):
+        # several servers each serve a contiguous block of ranks (their --ranks)
+        endpoints = cfg.masks.split(",")
+        return ServerMasks(endpoints[rank * len(endpoints) // world], strategy=cfg.strategy,
+                           model=cfg.model, source=cfg.teacher_source, rank=rank, world_size=world,
+                           plan_hash=plan_hash, cursor=cursor, num_patches=num_patches,
+                           ratio=cfg.mask_ratio, seed=cfg.seed, credits=cfg.credits,
+                           mask_timeout=cfg.mask_timeout, policy=cfg.mask_policy, heartbeat=cfg.heartbeat)
+    raise ValueError(f"--masks {cfg.masks!r}: choose random, inloop:<strategy> or tcp://host:port[,...]")
 
 
 class Run:
@@ -79,8 +102,7 @@ class Run:
         self.cfg, self.rank, self.world = cfg, rank, world
         mc = model_config(cfg.model)
         self.manifest = load_manifest(cfg.shards)
-        self.plan_cfg = PlanConfig(seed=cfg.seed, batch_size=cfg.batch_size, world_size=world,
-                                   img_size=mc.img_size, views=(ViewConfig(),))
+        self.plan_cfg = plan_config_from_args(SimpleNamespace(**asdict(cfg), world_size=world), mc.img_size)
         self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads)
         with torch.random.fork_rng():   # the same initial weights on every rank, global RNG untouched
             torch.manual_seed(cfg.seed)
@@ -92,7 +114,7 @@ class Run:
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95))
         eff = cfg.batch_size * world * cfg.accum
         self.sched = Schedule(lr=cfg.blr * eff / 256, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
-        self.masks = make_masks(cfg, rank, mc.num_patches)
+        self.mc, self.masks = mc, None   # the mask source starts at the cursor: see start_masks
         self.it = 0   # iterations done = epoch * steps + step of the next batch
         if rank == 0:
             log.info("effective batch %d, peak lr %.3g, %d steps/epoch, plan %s",
@@ -101,6 +123,11 @@ class Run:
     @property
     def ckpt_path(self) -> Path:
         return Path(self.cfg.out) / "checkpoint.pt"
+
+    def start_masks(self) -> None:
+        cursor = divmod(self.it, self.loader.steps)
+        self.masks = make_masks(self.cfg, self.rank, self.world, self.mc.num_patches,
+                                self.loader.plan.hash, cursor)
 
     def save(self) -> None:
         if self.rank != 0:
@@ -133,12 +160,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     run = Run(cfg, rank, world)
     if resume:
         run.load()
+    run.start_masks()
     steps = run.loader.steps
     planned = cfg.epochs * steps   # schedules follow the planned run, not where --max-steps stops it
     total = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
     stop = _stop_on_sigterm()
     run.masks.sync(run.it, run.model, run.ema)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    # every rank logs (rank 0 to metrics.jsonl): per-rank data and mask waits are what profiling needs
+    metrics = open(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"), "a")
     first_loss = last_loss = None
     while run.it < total and not stop["now"]:
         epoch, start = divmod(run.it, steps)
@@ -163,13 +192,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             loss_v = loss.item()   # sync point: the loss is logged every step
             first_loss = loss_v if first_loss is None else first_loss
             last_loss = loss_v
-            if metrics and (run.it % cfg.log_every == 0 or run.it == total):
+            if run.it % cfg.log_every == 0 or run.it == total:
                 metrics.write(json.dumps({
                     "it": run.it, "epoch": epoch, "step": batch.step, "loss": loss_v,
                     "lr": run.opt.param_groups[0]["lr"], "data_wait": data_wait, "mask_wait": masks.wait_s,
                     "compute": time.perf_counter() - t0, "teacher_version": masks.teacher_version,
                     "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
-                    "fallback": masks.fallback, "images": len(batch.sample_ids)}) + "\n")
+                    "fallback": masks.fallback, "images": len(batch.sample_ids),
+                    "valid": int(batch.valid.sum())}) + "\n")
                 metrics.flush()
             if boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0:
                 run.save()
@@ -180,8 +210,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     run.save()
     run.masks.close()
     run.loader.close()
-    if metrics:
-        metrics.close()
+    metrics.close()
     return {"it": run.it, "first_loss": first_loss, "last_loss": last_loss}
 
 
@@ -207,19 +236,23 @@ def add_arguments(p) -> None:
     p.add_argument("--teacher-source", default=None, help="online | momentum | frozen:PATH")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
     p.add_argument("--accum", type=int, default=d.accum)
     p.add_argument("--blr", type=float, default=d.blr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     p.add_argument("--ema-m0", type=float, default=d.ema_m0)
     p.add_argument("--sync-every", type=int, default=d.sync_every)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--decoder", default=d.decoder, choices=["dali", "pil"])
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
+    p.add_argument("--credits", type=int, default=d.credits, help="batches the server may send ahead")
+    p.add_argument("--mask-timeout", type=float, default=d.mask_timeout)
+    p.add_argument("--mask-policy", default=d.mask_policy, choices=["wait", "random", "fail"])
+    p.add_argument("--heartbeat", type=float, default=d.heartbeat)
+    add_plan_arguments(p, world_size=False)
 
 
 def main(args) -> int:
