@@ -24,7 +24,7 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/mimpipe sample $(SAMPLE) --resume
+	$(BIN)/mimpipe demo --shards $(SAMPLE)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("train.trainer", "MAE pre-training with random, in-loop or mask-server masks"),
     "eval": ("train.evaluate", "k-NN and linear-probe accuracy of an encoder on labeled shards"),
     "viz": ("tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
+    "demo": ("tools.demo", "the whole system on the sample dataset (what `make demo` runs)"),
     "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
     "maskserver": ("maskserver.server", "serve attention-guided masks to trainer ranks over ZeroMQ"),
     "keys": ("maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
