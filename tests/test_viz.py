@@ -26,9 +26,11 @@ def test_viz_draws_and_random_recall_is_the_ratio(sample_ds, tmp_path):
     p = argparse.ArgumentParser()
     viz.add_arguments(p)
     args = p.parse_args([str(sample_ds), "--model", "mae_vit_micro_patch8_64", "--strategies",
-                         "random,sbam,gpa,idm", "--recall-images", "100", "--n", "3",
+                         "random,sbam,gpa,idm", "--recall-images", "100", "--n", "3", "--gpa-shots", "10",
                          "--out", str(tmp_path / "v.png")])
     r = viz.run(args)
     assert r["images"] >= 100 and (tmp_path / "v.png").stat().st_size > 10_000
     assert abs(r["recall"]["random"] - 0.75) < 0.05, r["recall"]
     assert set(r["recall"]) == {"random", "sbam", "gpa", "idm"}
+    f = r["gpa_few_shot"]
+    assert f["shots"] == 10 and 0 <= f["block"] < 2 and 0 <= f["head"] < 2 and 0 < f["recall"] <= 1

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskserver.strategies import STRATEGIES, get_strategy, gpa_scores, sbam_salience
+from maskserver.strategies import (STRATEGIES, get_strategy, gpa_scores, head_recall, len_keep_for,
+                                   sbam_salience, select_head)
+from maskserver.strategies.gpa import gpa_per_head
 from maskserver.teacher import Teacher
 from pipeline.decode import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.loader import Loader
@@ -34,6 +36,9 @@ def add_arguments(p) -> None:
     p.add_argument("--recall-images", type=int, default=512, help="images scored for recall")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/viz.png"))
+    p.add_argument("--gpa-shots", type=int, default=0,
+                   help="also pick GPA's (block, head) by few-shot recall on this many labeled images "
+                        "(METHODS.md 3.3; the sample dataset's foreground masks are the labels)")
 
 
 def gpa_options(cfg) -> tuple[int, dict]:
@@ -58,6 +63,21 @@ def score_map(teacher: Teacher, images, name: str, block) -> torch.Tensor:
     return ((x - lo) / (hi - lo + 1e-12)).float().cpu()
 
 
+def few_shot_head(teacher: Teacher, images, fg, ratio: float) -> dict:
+    """GPA's few-shot head selection: every block's per-head GPA on labeled images, the (block,
+    head) whose top n_mask patches recall the most foreground."""
+    per_block = []
+    for b in range(teacher.cfg.depth):
+        inp = teacher.mask_inputs(images, "gpa", block=b)
+        per_block.append(gpa_per_head(inp.q, inp.k))          # [n', H, L]
+    scores = torch.stack(per_block, 1)                         # [n', blocks, H, L]
+    n_mask = teacher.cfg.num_patches - len_keep_for(teacher.cfg.num_patches, ratio)
+    recall = head_recall(scores, fg, n_mask)
+    block, head = select_head(scores, fg, n_mask)
+    return {"block": block, "head": head, "recall": round(float(recall[block, head]), 4),
+            "shots": len(images)}
+
+
 def make_teacher(args) -> Teacher:
     if args.weights:
         return Teacher(args.model, f"frozen:{args.weights}")
@@ -79,7 +99,7 @@ def run(args) -> dict:
     plan = PlanConfig(seed=args.seed, batch_size=64, img_size=cfg.img_size, views=(ViewConfig(crop="center"),))
     loader = Loader(m, plan, decoder="dali")
     gen = torch.Generator().manual_seed(args.seed)
-    hit, total, shown = {n: 0.0 for n in names}, 0, None
+    hit, total, shown, few_shot = {n: 0.0 for n in names}, 0, None, None
     try:
         for batch in loader.epoch(0):
             pb = loader.plan.batch(batch.epoch, batch.step)
@@ -96,6 +116,9 @@ def run(args) -> dict:
                                            options=opts).mask
                 rec = (masks[n] & fg).sum(1).float() / fg.sum(1).clamp(min=1)
                 hit[n] += float(rec[keep].sum())
+            if args.gpa_shots and few_shot is None:
+                k = keep.nonzero()[:args.gpa_shots, 0]
+                few_shot = few_shot_head(teacher, batch.images[k], fg[k], args.ratio)
             if shown is None:
                 k = slice(0, args.n)
                 shown = (batch.images[k].clone(), fg[k],
@@ -110,6 +133,7 @@ def run(args) -> dict:
     recall = {n: round(hit[n] / max(total, 1), 4) for n in names}
     draw(args.out, *shown, cfg)
     return {"images": total, "ratio": args.ratio, "recall": recall, "png": str(args.out),
+            **({"gpa_few_shot": few_shot} if args.gpa_shots else {}),
             "teacher": args.weights or f"fresh {args.model} (seed {args.seed})",
             "gpa": {"block": block, **gpa_opts}}
 
@@ -147,6 +171,10 @@ def table(r: dict) -> str:
     rows = [f"object recall on {r['images']} images, mask ratio {r['ratio']}, teacher: {r['teacher']}",
             f"{'strategy':<10}{'recall':>8}{'recall / ratio':>16}"]
     rows += [f"{n:<10}{v:>8.3f}{v / r['ratio']:>16.2f}" for n, v in r["recall"].items()]
+    if "gpa_few_shot" in r:
+        f = r["gpa_few_shot"]
+        rows.append(f"gpa few-shot head ({f['shots']} shots): block {f['block']}, head {f['head']}, "
+                    f"recall {f['recall']:.3f}")
     if "attmask" in r["recall"]:
         rows.append("(attmask leaves an image unmasked with probability 1 - masking_prob = 0.5, "
                     "AttMask's default)")
