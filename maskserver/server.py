@@ -428,7 +428,10 @@ def report(stats: dict, path: str | None) -> None:
     ranks = " ".join(f"r{r}:q{v['queue']}/c{v['credits']}/s{v['staleness']}" for r, v in stats["ranks"].items())
     log.info("%.1f batches/s, teacher v%d, ranks %s, bad frames %d, freed %d", stats["batches_per_s"],
              stats["teacher_version"], ranks or "-", stats["bad_frames"], len(stats["freed"]))
-    if path:
+    if path and str(path).endswith(".jsonl"):   # a timeline: one snapshot per period
+        with open(path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+    elif path:
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
             json.dump(stats, f)
@@ -454,7 +457,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lut", action="store_true", help="send LUT targets (momentum teacher, 2 views)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. head=1 for gpa on a 2-head model)")
-    p.add_argument("--stats-file", default=None)
+    p.add_argument("--stats-file", default=None,
+                   help="JSON snapshot of the stats; a .jsonl name appends one line per period instead")
     p.add_argument("--stats-every", type=float, default=10.0, help="seconds")
     p.add_argument("--curve", default=None, help="key folder from `mimpipe keys`: CURVE auth on")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds; 3 silent intervals = dead")

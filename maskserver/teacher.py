@@ -60,6 +60,10 @@ def block_for(strategy: Strategy, depth: int, block: int | None = None) -> int |
             raise ValueError(f"strategy {strategy.name!r} reads no block (needs={strategy.needs!r}), "
                              f"got block={block}")
         return None
+    if block is None and strategy.block >= depth:
+        # the paper's block (gpa: 9 of ViT-B's 12) does not exist in a shallower model: its last
+        # block is the nearest choice; pass block= to pick another
+        block = depth - 1
     b = strategy.block if block is None else block
     b = depth + b if b < 0 else b
     if not 0 <= b < depth:
@@ -200,7 +204,10 @@ class Teacher:
             raise ValueError(f"generator on {generator.device}, teacher on {self.device}: noise is drawn "
                              f"where the teacher tensors are")
         inp = self.mask_inputs(images, strategy_name, block=block, progress=progress, head_probs=head_probs)
-        return get_strategy(strategy_name)(inp, ratio, generator=generator, **(options or {}))
+        options = dict(options or {})
+        if strategy_name == "gpa" and "head" not in options and self.cfg.num_heads <= 11:
+            options["head"] = -1   # no head 11 (the paper's) in this model: the sum of its heads
+        return get_strategy(strategy_name)(inp, ratio, generator=generator, **options)
 
     @torch.no_grad()
     def mask_inputs(self, images: Tensor, strategy_name: str, *, block: int | None = None,

@@ -253,10 +253,18 @@ def test_non_default_source_is_logged_once(imgs, caplog):
         "strategy 'gpa' runs on a 'momentum' teacher; its paper uses 'frozen' (METHODS.md 'Decisions')"]
 
 
+def test_gpa_defaults_fit_a_shallow_narrow_model(imgs):
+    """b9h11 does not exist in the micro model: its last block and the sum of its heads stand in."""
+    t = loaded(MICRO, encoder(MICRO, 6))
+    a = t.compute(imgs, "gpa", ratio=0.75, generator=gen(0))
+    b = t.compute(imgs, "gpa", ratio=0.75, generator=gen(0), block=1, options={"head": -1})
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.extras["gpa_target"], b.extras["gpa_target"])
+
+
 def test_errors_name_the_problem(imgs):
     t = loaded(MICRO, encoder(MICRO, 6))
     with pytest.raises(ValueError, match=r"reads block 9, but the model has blocks 0..1"):
-        t.compute(imgs, "gpa", ratio=0.75, generator=gen(0))
+        t.compute(imgs, "gpa", ratio=0.75, generator=gen(0), block=9)
     with pytest.raises(ValueError, match=r"teacher expects \[N, 3, 64, 64\]"):
         t.compute(imgs[:, :, :32], "idm", ratio=0.75, generator=gen(0))
     with pytest.raises(ValueError, match="choose from online, momentum, frozen:PATH"):

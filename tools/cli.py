@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("train.evaluate", "k-NN and linear-probe accuracy of an encoder on labeled shards"),
     "viz": ("tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
     "demo": ("tools.demo", "the whole system on the sample dataset (what `make demo` runs)"),
+    "profile": ("tools.profile", "where throughput goes: every stage alone and the whole system"),
     "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
     "maskserver": ("maskserver.server", "serve attention-guided masks to trainer ranks over ZeroMQ"),
     "keys": ("maskserver.keys", "CURVE key pairs for the mask server and its trainers"),

@@ -9,12 +9,11 @@ masks.png (what the trained teacher masks), loss.png.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from tools.procs import cli, pinned, start_server, stop
 
 
 def add_arguments(p) -> None:
@@ -27,18 +26,6 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=5555)
 
 
-def pinned(core: int):
-    """Run a child on one core with one torch/OpenMP thread: the CPU stand-in for its own GPU."""
-    cores = os.sched_getaffinity(0)
-    target = {core} if core in cores else cores
-    return dict(preexec_fn=lambda: os.sched_setaffinity(0, target),
-                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-
-
-def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "tools.cli", *map(str, args)]
-
-
 def run(args) -> dict:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -48,13 +35,10 @@ def run(args) -> dict:
         (out / f).unlink(missing_ok=True)
     endpoint = f"tcp://127.0.0.1:{args.port}"
     plan = ["--batch-size", args.batch_size, "--seed", 0]
-    log = open(out / "maskserver.log", "wb")
-    server = subprocess.Popen(cli("maskserver", "--shards", args.shards, "--strategy", args.strategy,
-                                  "--model", args.model, "--bind", endpoint, "--threads", 1,
-                                  "--stats-file", out / "maskserver.json", *plan),
-                              stdout=log, stderr=subprocess.STDOUT, **pinned(1))
+    server = start_server(["--shards", args.shards, "--strategy", args.strategy, "--model", args.model,
+                           "--bind", endpoint, "--threads", 1, "--stats-file", out / "maskserver.json",
+                           *plan], out / "maskserver.log", core=1)
     try:
-        _wait_ready(out / "maskserver.log", server)
         t0 = time.perf_counter()
         subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--model", args.model,
                            "--masks", endpoint, "--strategy", args.strategy, "--max-steps", args.steps,
@@ -62,24 +46,9 @@ def run(args) -> dict:
                            "--mask-policy", "random", *plan), check=True, **pinned(0))
         wall = time.perf_counter() - t0
     finally:
-        server.send_signal(signal.SIGTERM)   # clean stop: BYE to the trainer, stats written
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        server_rc = stop(server)   # clean stop: BYE to the trainer, stats written
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    return summarize(args, rows, wall, server.returncode)
-
-
-def _wait_ready(log: Path, proc, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if b"ready on" in log.read_bytes():
-            return
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    raise RuntimeError(f"mask server did not start; see {log}")
+    return summarize(args, rows, wall, server_rc)
 
 
 def summarize(args, rows: list[dict], wall: float, server_rc) -> dict:

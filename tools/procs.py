@@ -1,0 +1,49 @@
+"""Child processes of the demo and the profiler: the mimpipe CLI, pinned to one core each."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "tools.cli", *map(str, args)]
+
+
+def pinned(core: int) -> dict:
+    """Popen keywords running a child on one core with one torch/OpenMP thread: on a CPU machine,
+    the stand-in for "its own GPU" (falls back to every core where that core does not exist)."""
+    cores = os.sched_getaffinity(0)
+    target = {core} if core in cores else cores
+    return dict(preexec_fn=lambda: os.sched_setaffinity(0, target),
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+def start_server(args: list, log: Path, core: int, timeout: float = 120.0) -> subprocess.Popen:
+    """`mimpipe maskserver ARGS` on `core`; returns once its log says it is ready."""
+    proc = subprocess.Popen(cli("maskserver", *args), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            **pinned(core))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b"ready on" in log.read_bytes():
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError(f"mask server did not start; see {log}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """SIGTERM (the server says BYE and writes its stats), SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
