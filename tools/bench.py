@@ -10,6 +10,7 @@ STAGES = {
     "shard": "tools.bench_shard",
     "teacher": "tools.bench_teacher",
     "loader": "tools.bench_loader",
+    "transport": "tools.bench_transport",
 }
 
 

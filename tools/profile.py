@@ -1,0 +1,205 @@
+"""`mimpipe profile`: where the throughput goes, stage by stage and as a whole.
+
+On the same shards, model and cores it measures images/s of: the loader alone (DALI vs PIL), the
+teacher + strategy alone, and the trainer fed three ways: random masks (no teacher: the ceiling),
+a mask server process (the decoupled design), and the teacher in the training loop (the baseline).
+The trainer runs on core 0 and the server on core 1, one thread each: on a CPU machine that is
+what "separate devices" means. Derived per strategy:
+
+    overlap efficiency   = server-fed / random-mask images/s   (1.0: the teacher costs nothing)
+    speedup over in-loop = server-fed / in-loop images/s
+    ideal speedup        = 1 + teacher time / student step time  (what perfect overlap would give)
+
+Writes OUT/profile.json, OUT/profile.png (stage bars; queue depth and staleness over time) and
+each run's metrics and server stats under OUT/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from tools.procs import cli, pinned, start_server, stop
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shards", type=Path, default=Path("shards/sample"))
+    p.add_argument("--out", type=Path, default=Path("runs/profile"))
+    p.add_argument("--model", default="mae_vit_tiny_patch8_64")
+    p.add_argument("--strategies", default="sbam,gpa,idm")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=80, help="trainer iterations per run")
+    p.add_argument("--warmup", type=int, default=10, help="first iterations left out of images/s")
+    p.add_argument("--port", type=int, default=5566)
+    p.add_argument("--sync-every", type=int, default=10,
+                   help="trainer -> teacher weight sync interval (a momentum teacher's whole encoder "
+                        "is copied and hashed at every sync)")
+
+
+class on_core:
+    """Measure in this process on one core with one torch thread, then restore both."""
+
+    def __init__(self, core: int):
+        self.core = core
+
+    def __enter__(self):
+        self.aff, self.threads = os.sched_getaffinity(0), torch.get_num_threads()
+        os.sched_setaffinity(0, {self.core} if self.core in self.aff else self.aff)
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        os.sched_setaffinity(0, self.aff)
+        torch.set_num_threads(self.threads)
+
+
+def loader_img_s(m, plan_cfg, decoder: str, batches: int = 20) -> float:
+    from pipeline.loader import Loader
+    loader = Loader(m, plan_cfg, decoder=decoder, threads=1)
+    try:
+        it = (b for e in range(1000) for b in loader.epoch(e))
+        next(it)
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        dt = time.perf_counter() - t0
+        it.close()
+        return batches * plan_cfg.batch_size / dt
+    finally:
+        loader.close()
+
+
+def teacher_img_s(model: str, strategy: str, images, batches: int = 10) -> float:
+    """Teacher + strategy on a fresh encoder (timing does not depend on the weights)."""
+    from maskserver.teacher import Teacher, default_source
+    from train.masks import batch_generator
+    from train.model import create_model
+    source = default_source(strategy)
+    t = Teacher(model, source, strategy=strategy, projector_hidden=None)
+    full = create_model(model, encoder_only=True).state_dict()
+    t.load_state({k: full[k] for k in t.held}, version=0, step=0)
+    t.compute(images, strategy, ratio=0.75, generator=batch_generator(0, 0, 0, 0))
+    t0 = time.perf_counter()
+    for s in range(batches):
+        t.compute(images, strategy, ratio=0.75, generator=batch_generator(0, 0, s, 0))
+    return batches * len(images) / (time.perf_counter() - t0)
+
+
+def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
+    """One trainer process on core 0; images/s and wait shares from its steady-state steps."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--model", args.model, "--masks", masks,
+                       "--strategy", strategy, "--max-steps", args.steps, "--epochs", 100,
+                       "--batch-size", args.batch_size, "--threads", 1, "--mask-policy", "wait",
+                       "--sync-every", args.sync_every),
+                   check=True, capture_output=True, **pinned(0))
+    rows = [json.loads(x) for x in open(out / "metrics.jsonl")][args.warmup:]
+    step = sum(r["data_wait"] + r["mask_wait"] + r["compute"] for r in rows)
+    return {"img_s": sum(r["images"] for r in rows) / step,
+            "mask_wait_share": sum(r["mask_wait"] for r in rows) / step,
+            "data_wait_share": sum(r["data_wait"] for r in rows) / step,
+            "staleness": [r["staleness"] for r in rows],
+            "step_s": step / len(rows), "mask_s": sum(r["mask_wait"] for r in rows) / len(rows)}
+
+
+def served_run(args, out: Path, strategy: str) -> dict:
+    endpoint = f"tcp://127.0.0.1:{args.port}"
+    stats = out / "maskserver.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    stats.unlink(missing_ok=True)
+    server = start_server(["--shards", args.shards, "--strategy", strategy, "--model", args.model,
+                           "--bind", endpoint, "--threads", 1, "--batch-size", args.batch_size,
+                           "--stats-file", stats, "--stats-every", 0.5], out / "maskserver.log", core=1)
+    try:
+        r = train_run(args, out, endpoint, strategy)
+    finally:
+        stop(server)
+    r["queue"] = [s["ranks"].get("0", {}).get("queue", 0) for s in map(json.loads, open(stats))]
+    return r
+
+
+def run(args) -> dict:
+    from pipeline.manifest import load_manifest
+    from pipeline.plan import PlanConfig
+    from train.model import model_config
+    if not (args.shards / "manifest.json").exists():
+        subprocess.run(cli("sample", args.shards, "--workers", 2), check=True)
+    m, mc = load_manifest(args.shards), model_config(args.model)
+    plan_cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=mc.img_size)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    images = torch.randn(args.batch_size, 3, mc.img_size, mc.img_size)
+    res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps}
+    with on_core(0):
+        res["loader"] = {"dali_img_s": loader_img_s(m, plan_cfg, "dali"), "pil_img_s": loader_img_s(m, plan_cfg, "pil")}
+    with on_core(1):
+        res["teacher_img_s"] = {s: teacher_img_s(args.model, s, images) for s in strategies}
+    res["random"] = train_run(args, args.out / "random", "random")
+    res["strategies"] = {}
+    for s in strategies:
+        served = served_run(args, args.out / f"served-{s}", s)
+        inloop = train_run(args, args.out / f"inloop-{s}", f"inloop:{s}", s)
+        teacher_s = inloop["mask_s"]
+        student_s = inloop["step_s"] - teacher_s
+        res["strategies"][s] = {
+            "served_img_s": served["img_s"], "inloop_img_s": inloop["img_s"],
+            "overlap_efficiency": served["img_s"] / res["random"]["img_s"],
+            "speedup_over_inloop": served["img_s"] / inloop["img_s"],
+            "ideal_speedup": 1 + teacher_s / student_s,
+            "mask_wait_share": served["mask_wait_share"], "data_wait_share": served["data_wait_share"],
+            "staleness": served["staleness"], "queue": served["queue"]}
+    # the headline: the first strategy (sbam by default)
+    head = res["strategies"][strategies[0]]
+    res.update({k: head[k] for k in ("overlap_efficiency", "speedup_over_inloop", "mask_wait_share")})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(res, indent=1))
+    plot(res, args.out / "profile.png")
+    return res
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (bars, queue, stale) = plt.subplots(1, 3, figsize=(14, 3.6))
+    names = ["loader DALI", "loader PIL", "trainer random"]
+    vals = [res["loader"]["dali_img_s"], res["loader"]["pil_img_s"], res["random"]["img_s"]]
+    for s, r in res["strategies"].items():
+        names += [f"teacher {s}", f"served {s}", f"in-loop {s}"]
+        vals += [res["teacher_img_s"][s], r["served_img_s"], r["inloop_img_s"]]
+    bars.barh(names[::-1], vals[::-1])
+    bars.set_xscale("log")
+    bars.set_xlabel("images/s (log)")
+    for s, r in res["strategies"].items():
+        queue.plot([0.5 * i for i in range(len(r["queue"]))], r["queue"], label=s)
+        stale.plot(r["staleness"], label=s)
+    queue.set(xlabel="seconds", ylabel="server queue depth (rank 0)", title="mask queue")
+    stale.set(xlabel="trainer step (after warm-up)", ylabel="steps", title="teacher staleness")
+    queue.legend()
+    stale.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(r: dict) -> str:
+    rows = [f"profile: {r['model']}, batch {r['batch_size']}, {r['steps']} steps per run; trainer on core 0, "
+            f"server on core 1, one thread each",
+            f"  loader alone           DALI {r['loader']['dali_img_s']:8.0f} img/s   PIL {r['loader']['pil_img_s']:8.0f} img/s",
+            f"  trainer, random masks  {r['random']['img_s']:8.1f} img/s (data wait {100 * r['random']['data_wait_share']:.1f}%)",
+            f"  {'strategy':<9}{'teacher':>10}{'served':>9}{'in-loop':>9}{'overlap':>9}{'speedup':>9}"
+            f"{'ideal':>7}{'mask wait':>11}{'staleness':>11}"]
+    for s, x in r["strategies"].items():
+        st = [v for v in x["staleness"] if v is not None]
+        rows.append(f"  {s:<9}{r['teacher_img_s'][s]:>10.0f}{x['served_img_s']:>9.1f}{x['inloop_img_s']:>9.1f}"
+                    f"{x['overlap_efficiency']:>9.2f}{x['speedup_over_inloop']:>8.2f}x{x['ideal_speedup']:>6.2f}x"
+                    f"{100 * x['mask_wait_share']:>10.1f}%{(sum(st) / max(len(st), 1)):>11.1f}")
+    return "\n".join(rows + ["  (images/s; overlap = served / random; ideal = 1 + teacher time / student step time)"])
+
+
+def main(args) -> int:
+    print(table(run(args)))
+    return 0
