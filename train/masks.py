@@ -78,7 +78,9 @@ class ServerMasks:
     def __init__(self, endpoint: str, *, strategy: str, model: str, source: str | None, rank: int,
                  world_size: int, plan_hash: str, cursor: tuple[int, int], num_patches: int,
                  ratio: float, seed: int, credits: int, mask_timeout: float, policy: str,
-                 heartbeat: float):
+                 heartbeat: float, projector: bool = False):
+        """projector: send the EMA's 'projector.*' too; only a server run with --lut holds one
+        (maskserver/teacher.py), and any other teacher rejects weights with names it lacks."""
         self.kind = (source or default_source(strategy)).split(":", 1)[0]
         self.prefixes = Teacher.state_for(strategy, model) if self.kind == "online" else ("",)
         self.client = MaskClient(endpoint, rank=rank, world_size=world_size, plan_hash=plan_hash,
@@ -86,6 +88,7 @@ class ServerMasks:
                                  policy=policy, heartbeat=heartbeat, num_patches=num_patches,
                                  ratio=ratio, seed=seed)
         self.rank, self.needs_weights = rank, strategy != "random" and self.kind != "frozen"
+        self.skip = () if projector else ("projector.",)
 
     def get(self, batch) -> Masks:
         t0 = time.perf_counter()
@@ -98,7 +101,8 @@ class ServerMasks:
         if self.rank != 0 or not self.needs_weights:
             return
         src = (student if self.kind == "online" else ema).state_dict()
-        self.client.send_weights({k: v for k, v in src.items() if k.startswith(self.prefixes)},
+        self.client.send_weights({k: v for k, v in src.items()
+                                  if k.startswith(self.prefixes) and not k.startswith(self.skip)},
                                  version=step, step=step)
 
     def close(self) -> None:

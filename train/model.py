@@ -274,11 +274,15 @@ class MaskedAutoencoderViT(nn.Module):
             x = blk(x) if attn_mask is None else blk(x, attn_mask=attn_mask)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, x, ids_restore, mask=None):
+    def forward_decoder(self, x, ids_restore, mask=None, return_hidden=False):
         """x: latent [N, 1 + K, D], ids_restore [N, L] -> pred [N, L, p*p*C] (cls dropped).
 
         mask ([N, L], 1 = masked) matters only for a padded latent: masked positions then get
         mask_token whatever the encoder left in their slot. With equal counts it changes nothing.
+        return_hidden: also return hidden = [X^0, X^1, ..., X^depth], each [N, 1 + L, Dd] (cls
+        first): X^0 the tokens entering decoder_blocks[0] (after decoder_pos_embed, what MTO's
+        L_spa/L_e and GPA's MAM head read, METHODS 4.1, 3.5), X^l the output of block l before
+        decoder_norm. Returns (pred, hidden) then.
         """
         x = self.decoder_embed(x)
         mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
@@ -288,10 +292,12 @@ class MaskedAutoencoderViT(nn.Module):
             x_ = torch.where(mask.bool().unsqueeze(-1), self.mask_token.to(x_.dtype), x_)
         x = torch.cat([x[:, :1, :], x_], dim=1)  # append cls token
         x = x + self.decoder_pos_embed
+        hidden = [x]
         for blk in self.decoder_blocks:
             x = blk(x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:, :]
+            hidden.append(x)
+        x = self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
+        return (x, hidden) if return_hidden else x
 
     def forward_loss(self, imgs, pred, mask):
         """imgs [N, C, H, W], pred [N, L, p*p*C], mask [N, L] 1 = masked -> scalar loss.

@@ -2,9 +2,12 @@
 
 torchrun-ready: every rank has its own plan slice, loader and mask source; DDP over gloo on the
 CPU, NCCL on GPUs. The loop (`train`) reads in execution order; everything it calls is small.
-Checkpoints hold model, EMA teacher, optimizer, scaler, plan cursor and mask-source state; since
-data, crops and mask noise are pure functions of (seed, epoch, step, rank), a resumed run sees
-exactly the batches and masks an uninterrupted one would have.
+Checkpoints hold model, EMA teacher, optimizer, scaler, plan cursor and mask-source state (PLB's
+head probabilities and epoch sums); since data, crops and mask noise are pure functions of (seed,
+epoch, step, rank), a resumed run sees exactly the batches and masks an uninterrupted one would have.
+Extra loss terms (`--lut W --mto W --mam W --contrastive W`, weight 0 = off) are train/objective.py;
+`compute_losses` feeds them their teacher targets. bf16 autocast on CUDA only; CPU stays fp32 and
+deterministic.
 """
 from __future__ import annotations
 
@@ -25,8 +28,12 @@ import torch.distributed as dist
 from pipeline.loader import Loader
 from pipeline.manifest import load_manifest
 from pipeline.plan import add_plan_arguments, plan_config_from_args
+from maskserver.client import batch_generator
+from maskserver.strategies import plb_update
+from train.losses import LOSSES, per_head_loss_stats
 from train.masks import InloopMasks, RandomMasks, ServerMasks
 from train.model import create_model, model_config
+from train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
 from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
 log = logging.getLogger("mimpipe.train")
@@ -68,6 +75,18 @@ class TrainConfig:
     mask_timeout: float = 30.0
     mask_policy: str = "wait"
     heartbeat: float = 1.0
+    server_lut: bool = False         # the server runs --lut: it gets the EMA projector, sends t1/t2
+    # extra loss terms (train/objective.py): weight, 0 = off; defaults for the switch in losses.LOSSES
+    lut: float = 0.0
+    mto: float = 0.0
+    mam: float = 0.0
+    contrastive: float = 0.0
+    head_hidden: int = 4096          # LUT projector/predictor hidden width (METHODS 2.4)
+    contrastive_tau: float = 0.2     # CAMAE Eq. 1
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in TERMS}
 
 
 def setup_distributed() -> tuple[int, int]:
@@ -91,7 +110,8 @@ def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_h
                            model=cfg.model, source=cfg.teacher_source, rank=rank, world_size=world,
                            plan_hash=plan_hash, cursor=cursor, num_patches=num_patches,
                            ratio=cfg.mask_ratio, seed=cfg.seed, credits=cfg.credits,
-                           mask_timeout=cfg.mask_timeout, policy=cfg.mask_policy, heartbeat=cfg.heartbeat)
+                           mask_timeout=cfg.mask_timeout, policy=cfg.mask_policy, heartbeat=cfg.heartbeat,
+                           projector=cfg.server_lut)
     raise ValueError(f"--masks {cfg.masks!r}: choose random, inloop:<strategy> or tcp://host:port[,...]")
 
 
@@ -104,13 +124,28 @@ class Run:
         self.manifest = load_manifest(cfg.shards)
         self.plan_cfg = plan_config_from_args(SimpleNamespace(**asdict(cfg), world_size=world), mc.img_size)
         self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads)
+        if (cfg.lut or cfg.contrastive) and len(self.plan_cfg.views) < 2:
+            raise ValueError(f"--lut/--contrastive need two views per image, e.g. --views src,src+color "
+                             f"(got --views {cfg.views!r})")
+        if cfg.server_lut and not (cfg.lut or cfg.contrastive):
+            raise ValueError("--server-lut sends the EMA projector, which exists only with --lut or "
+                             "--contrastive")
         with torch.random.fork_rng():   # the same initial weights on every rank, global RNG untouched
             torch.manual_seed(cfg.seed)
             self.model = create_model(cfg.model)
-        self.ema = create_model(cfg.model, encoder_only=True).requires_grad_(False)
+            self.ema = create_model(cfg.model, encoder_only=True)
+            attach_heads(self.model, self.ema, cfg.weights, cfg.head_hidden)
+        # eval: the momentum projector's BN uses its (EMA'd) running statistics (METHODS 2.3)
+        self.ema.requires_grad_(False).eval()
         self.ema.load_state_dict({k: v for k, v in self.model.state_dict().items()
                                   if k in self.ema.state_dict()})
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if world > 1 else self.model
+        student = Student(self.model, cfg.weights, tau=cfg.contrastive_tau,
+                          gather=_all_gather if world > 1 else None, rank=rank)
+        self.ddp = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        # PLB (METHODS 5.3) for an in-loop idm source: p [M], last epoch's L^m, this epoch's sums
+        M = mc.num_heads
+        self.plb = {"p": None, "prev": None, "sum": torch.zeros(M, dtype=torch.float64),
+                    "count": torch.zeros(M, dtype=torch.float64)}
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95))
         eff = cfg.batch_size * world * cfg.accum
         self.sched = Schedule(lr=cfg.blr * eff / 256, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
@@ -128,13 +163,16 @@ class Run:
         cursor = divmod(self.it, self.loader.steps)
         self.masks = make_masks(self.cfg, self.rank, self.world, self.mc.num_patches,
                                 self.loader.plan.hash, cursor)
+        if isinstance(self.masks, InloopMasks) and self.plb["p"] is not None:
+            self.masks.head_probs = self.plb["p"].float()   # as the server passes its float64 p
 
     def save(self) -> None:
         if self.rank != 0:
             return
         state = {"version": CKPT_VERSION, "config": asdict(self.cfg), "it": self.it,
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizer": self.opt.state_dict(), "plan_hash": self.loader.plan.hash}
+                 "optimizer": self.opt.state_dict(), "plan_hash": self.loader.plan.hash,
+                 "plb": dict(self.plb)}
         tmp = self.ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)   # a crash mid-save leaves the previous checkpoint
@@ -148,6 +186,7 @@ class Run:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.it = int(state["it"])
+        self.plb.update(state.get("plb") or {})
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
@@ -179,14 +218,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 g["lr"] = lr_at(run.it / steps, run.sched)
             masks = run.masks.get(batch)
             t0 = time.perf_counter()
-            loss, _, _ = run.ddp(batch.images, mask=masks.mask)
+            loss, parts, per_image = compute_losses(run, batch, masks)
             (loss / cfg.accum).backward()
+            if per_image is not None:   # idm masks: PLB statistics (METHODS 5.3)
+                plb_feedback(run, batch, masks, per_image)
             boundary = (run.it + 1) % cfg.accum == 0
             if boundary:
                 run.opt.step()
                 run.opt.zero_grad(set_to_none=True)
                 ema_update(run.ema, run.model, ema_momentum(run.it, planned, cfg.ema_m0))
             run.it += 1
+            if run.it % steps == 0:
+                plb_epoch_end(run)   # before any checkpoint at this iteration: it holds the new p
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
             loss_v = loss.item()   # sync point: the loss is logged every step
@@ -195,6 +238,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if run.it % cfg.log_every == 0 or run.it == total:
                 metrics.write(json.dumps({
                     "it": run.it, "epoch": epoch, "step": batch.step, "loss": loss_v,
+                    **{f"loss_{k}": v.item() for k, v in parts.items()},
                     "lr": run.opt.param_groups[0]["lr"], "data_wait": data_wait, "mask_wait": masks.wait_s,
                     "compute": time.perf_counter() - t0, "teacher_version": masks.teacher_version,
                     "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
@@ -212,6 +256,76 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     run.loader.close()
     metrics.close()
     return {"it": run.it, "first_loss": first_loss, "last_loss": last_loss}
+
+
+def compute_losses(run: Run, batch, masks):
+    """One step's forward -> (total, parts {name: scalar}, per_image [N] or None).
+
+    Gathers what the terms need besides the student: LUT's second view and its disjoint mask (drawn
+    with the batch's generator, so random masks give LUT's own permutation, METHODS 2.2); teacher
+    targets from the mask source's extras (a server with --lut sends lut_t1/t2) or else from the EMA
+    encoder + projector here (METHODS 2.3: the same computation); MAM's gpa_target only from the
+    mask source (the GPA teacher is the mask strategy's).
+    """
+    cfg = run.cfg
+    targets = {k: v.float() if v.is_floating_point() else v for k, v in masks.extras.items()}
+    mask2 = None
+    if cfg.lut:
+        g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank)
+        mask2 = second_view_mask(masks.mask, g)
+    if cfg.mam and "gpa_target" not in targets:
+        raise ValueError(f"--mam needs the mask source's 'gpa_target' (GPA values, METHODS 3.5): use "
+                         f"--masks inloop:gpa or a server with --strategy gpa; --masks {cfg.masks!r} "
+                         f"gave {sorted(masks.extras) or 'no extras'}")
+    with _autocast(run.model):
+        if cfg.contrastive or (cfg.lut and not {"lut_t1", "lut_t2"} <= targets.keys()):
+            targets = {**ema_targets(run.ema, batch.images, batch.view2), **targets}
+        return run.ddp(batch.images, masks.mask, view2=batch.view2, mask2=mask2, targets=targets,
+                       want_per_image="heads" in masks.extras)
+
+
+def plb_feedback(run: Run, batch, masks, per_image: torch.Tensor) -> None:
+    """Per-head sums of the per-image losses (padding rows excluded): to the server, which updates
+    p itself at its epoch end, or into this epoch's sums for an in-loop source."""
+    s, c = per_head_loss_stats(per_image.float(), masks.extras["heads"].long(), run.mc.num_heads,
+                               valid=torch.as_tensor(batch.valid))
+    if isinstance(run.masks, ServerMasks):
+        run.masks.client.send_feedback(batch.epoch, batch.step, s.numpy(), c.numpy())
+    else:
+        run.plb["sum"] += s.double()
+        run.plb["count"] += c.double()
+
+
+def plb_epoch_end(run: Run) -> None:
+    """PLB (METHODS 5.3), in-loop source: p <- plb_update(p, epoch sums of all ranks), as
+    maskserver/server.py does; the next epoch's idm masks sample heads from the new p."""
+    if not isinstance(run.masks, InloopMasks):
+        return
+    s, c = run.plb["sum"], run.plb["count"]
+    if run.world > 1:   # sync point, once per epoch
+        dist.all_reduce(s)
+        dist.all_reduce(c)
+    if c.sum() > 0 or run.plb["prev"] is not None:
+        M = len(s)
+        p = run.plb["p"] if run.plb["p"] is not None else torch.full((M,), 1.0 / M, dtype=torch.float64)
+        run.plb["p"], run.plb["prev"] = plb_update(p, s, c, run.plb["prev"])
+        run.masks.head_probs = run.plb["p"].float()
+        if run.rank == 0:
+            log.info("PLB: p = %s", [round(x, 4) for x in run.plb["p"].tolist()])
+    run.plb["sum"], run.plb["count"] = torch.zeros_like(s), torch.zeros_like(c)
+
+
+def _autocast(model: torch.nn.Module):
+    """bf16 autocast where the model lives on CUDA; a no-op on CPU (fp32, deterministic)."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Contrastive keys of every rank (no gradient: keys are stop-grad), rank order."""
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
 def _stop_on_sigterm() -> dict:
@@ -252,6 +366,15 @@ def add_arguments(p) -> None:
     p.add_argument("--mask-timeout", type=float, default=d.mask_timeout)
     p.add_argument("--mask-policy", default=d.mask_policy, choices=["wait", "random", "fail"])
     p.add_argument("--heartbeat", type=float, default=d.heartbeat)
+    p.add_argument("--server-lut", action="store_true",
+                   help="the mask server runs --lut: send it the EMA projector (its hidden width must be "
+                   "the server's 4096, --head-hidden), use its LUT targets")
+    for name in TERMS:
+        p.add_argument(f"--{name}", type=float, nargs="?", const=LOSSES[name].weight, default=0.0,
+                       metavar="W", help=f"add the {name} loss with weight W (bare flag: "
+                       f"{LOSSES[name].weight}, {LOSSES[name].why}); 0 = off")
+    p.add_argument("--head-hidden", type=int, default=d.head_hidden, help="LUT/contrastive head width")
+    p.add_argument("--contrastive-tau", type=float, default=d.contrastive_tau)
     add_plan_arguments(p, world_size=False)
 
 
