@@ -40,6 +40,34 @@ def add_arguments(p) -> None:
                         "is copied and hashed at every sync)")
 
 
+def block_macs(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
+    """Multiply-adds of one ViT block on `tokens` tokens: qkv + proj (4 N D^2), MLP (2 r N D^2),
+    scores and weighted sum (2 N^2 D)."""
+    return (4 + 2 * mlp_ratio) * tokens * dim ** 2 + 2 * tokens ** 2 * dim
+
+
+def teacher_macs(cfg, strategy: str) -> float:
+    """Per image: the truncated forward each strategy runs (teacher.py), patch embedding included."""
+    from maskserver.teacher import block_for
+    from maskserver.strategies import get_strategy
+    L, D = cfg.num_patches, cfg.embed_dim
+    embed = L * D * 3 * cfg.patch_size ** 2
+    b = block_for(get_strategy(strategy), cfg.depth)
+    if b is None:   # sbam/amr: the embedding and its L x L affinity
+        return embed + (L * L * D if strategy in ("sbam", "amr") else 0)
+    return embed + b * block_macs(L + 1, D) + 3 * (L + 1) * D ** 2   # blocks before b, then b's qkv
+
+
+def student_macs(cfg, ratio: float = 0.75) -> float:
+    """Per image per training step: MAE encoder on the visible tokens, decoder on all, x3 for the
+    backward pass (the usual 1 forward + 2 backward)."""
+    L = cfg.num_patches
+    K = int(L * (1 - ratio))
+    enc = L * cfg.embed_dim * 3 * cfg.patch_size ** 2 + cfg.depth * block_macs(K + 1, cfg.embed_dim)
+    dec = cfg.decoder_depth * block_macs(L + 1, cfg.decoder_embed_dim)
+    return 3 * (enc + dec)
+
+
 class on_core:
     """Measure in this process on one core with one torch thread, then restore both."""
 
@@ -150,7 +178,10 @@ def run(args) -> dict:
             "speedup_over_inloop": served["img_s"] / inloop["img_s"],
             "ideal_speedup": 1 + teacher_s / student_s,
             "mask_wait_share": served["mask_wait_share"], "data_wait_share": served["data_wait_share"],
-            "staleness": served["staleness"], "queue": served["queue"]}
+            "staleness": served["staleness"], "queue": served["queue"],
+            # how many trainers one server can feed: predicted from MACs, measured from images/s
+            "trainers_per_server_predicted": student_macs(mc) / teacher_macs(mc, s),
+            "trainers_per_server_measured": res["teacher_img_s"][s] / res["random"]["img_s"]}
     # the headline: the first strategy (sbam by default)
     head = res["strategies"][strategies[0]]
     res.update({k: head[k] for k in ("overlap_efficiency", "speedup_over_inloop", "mask_wait_share")})
@@ -191,13 +222,15 @@ def table(r: dict) -> str:
             f"  loader alone           DALI {r['loader']['dali_img_s']:8.0f} img/s   PIL {r['loader']['pil_img_s']:8.0f} img/s",
             f"  trainer, random masks  {r['random']['img_s']:8.1f} img/s (data wait {100 * r['random']['data_wait_share']:.1f}%)",
             f"  {'strategy':<9}{'teacher':>10}{'served':>9}{'in-loop':>9}{'overlap':>9}{'speedup':>9}"
-            f"{'ideal':>7}{'mask wait':>11}{'staleness':>11}"]
+            f"{'ideal':>7}{'mask wait':>11}{'staleness':>11}{'feeds (model/meas.)':>21}"]
     for s, x in r["strategies"].items():
         st = [v for v in x["staleness"] if v is not None]
         rows.append(f"  {s:<9}{r['teacher_img_s'][s]:>10.0f}{x['served_img_s']:>9.1f}{x['inloop_img_s']:>9.1f}"
                     f"{x['overlap_efficiency']:>9.2f}{x['speedup_over_inloop']:>8.2f}x{x['ideal_speedup']:>6.2f}x"
-                    f"{100 * x['mask_wait_share']:>10.1f}%{(sum(st) / max(len(st), 1)):>11.1f}")
-    return "\n".join(rows + ["  (images/s; overlap = served / random; ideal = 1 + teacher time / student step time)"])
+                    f"{100 * x['mask_wait_share']:>10.1f}%{(sum(st) / max(len(st), 1)):>11.1f}"
+                    f"{x['trainers_per_server_predicted']:>12.1f} / {x['trainers_per_server_measured']:<6.1f}")
+    return "\n".join(rows + ["  (images/s; overlap = served / random; ideal = 1 + teacher time / student step time;",
+                             "   feeds = trainers one server core keeps busy: MAC model / measured images/s)"])
 
 
 def main(args) -> int:

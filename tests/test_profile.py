@@ -1,0 +1,27 @@
+"""mimpipe profile runs every stage and the whole system, and writes what it measured.
+(Speeds are measured, not asserted: only the report's shape and consistency are checked.)"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from tools import profile
+
+
+def test_profile_reports_every_stage(sample_ds, tmp_path):
+    p = argparse.ArgumentParser()
+    profile.add_arguments(p)
+    args = p.parse_args(["--shards", str(sample_ds), "--out", str(tmp_path), "--model", "mae_vit_micro_patch8_64",
+                         "--strategies", "sbam", "--steps", "12", "--warmup", "2", "--batch-size", "8",
+                         "--port", str(__import__("tests.maskserver_helpers", fromlist=["x"]).free_port())])
+    r = profile.run(args)
+    saved = json.loads((tmp_path / "profile.json").read_text())
+    for key in ("overlap_efficiency", "speedup_over_inloop", "mask_wait_share"):
+        assert saved[key] == r[key] and saved[key] >= 0
+    s = saved["strategies"]["sbam"]
+    assert s["overlap_efficiency"] == s["served_img_s"] / saved["random"]["img_s"]
+    assert s["speedup_over_inloop"] == s["served_img_s"] / s["inloop_img_s"]
+    assert len(s["staleness"]) == 10 and s["queue"]
+    assert min(saved["loader"].values()) > 0 and saved["teacher_img_s"]["sbam"] > 0
+    assert (tmp_path / "profile.png").stat().st_size > 10_000
+    assert "overlap" in profile.table(saved)
