@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from pipeline.loader import Loader
 from pipeline.manifest import load_manifest
@@ -208,6 +209,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     # every rank logs (rank 0 to metrics.jsonl): per-rank data and mask waits are what profiling needs
     metrics = open(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"), "a")
     first_loss = last_loss = None
+    bar = tqdm(total=total, initial=run.it, unit="it", disable=rank != 0 or not sys.stderr.isatty())
     while run.it < total and not stop["now"]:
         epoch, start = divmod(run.it, steps)
         batches = run.loader.epoch(epoch, start)
@@ -235,6 +237,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             loss_v = loss.item()   # sync point: the loss is logged every step
             first_loss = loss_v if first_loss is None else first_loss
             last_loss = loss_v
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{loss_v:.4f}", mask_wait=f"{masks.wait_s * 1e3:.0f}ms",
+                            refresh=False)
             if run.it % cfg.log_every == 0 or run.it == total:
                 metrics.write(json.dumps({
                     "it": run.it, "epoch": epoch, "step": batch.step, "loss": loss_v,
@@ -251,6 +256,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 break
             t_data = time.perf_counter()
         batches.close()
+    bar.close()
     run.save()
     run.masks.close()
     run.loader.close()
