@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tools import procs
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mae_vit_micro_patch8_64"
 L = 64
@@ -30,21 +32,9 @@ def free_port() -> int:
 def start_server(shards, endpoint: str, log_path, *, world_size=2, batch_size=4, strategy="sbam",
                  extra=(), ready_timeout=60.0) -> subprocess.Popen:
     """The server as its own process; returns once it printed 'ready' (or raises, having killed it)."""
-    cmd = [sys.executable, "-m", "tools.cli", "maskserver", "--shards", str(shards), "--strategy", strategy,
-           "--model", MODEL, "--bind", endpoint, "--world-size", str(world_size), "--batch-size",
-           str(batch_size), "--seed", "0", *map(str, extra)]
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if b"ready on" in Path(log_path).read_bytes():
-            return proc
-        if proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    kill(proc)
-    raise RuntimeError(f"mask server did not start: {Path(log_path).read_text()[-3000:]}")
+    return procs.start_server(["--shards", shards, "--strategy", strategy, "--model", MODEL, "--bind", endpoint,
+                               "--world-size", world_size, "--batch-size", batch_size, "--seed", 0, *extra],
+                              Path(log_path), timeout=ready_timeout, cwd=ROOT)
 
 
 def kill(proc: subprocess.Popen | None, sig=signal.SIGKILL) -> None:

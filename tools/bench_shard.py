@@ -10,7 +10,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from tools.sample import CLASSES, SampleItem
+from tools.sample import SampleItem
 from tools.shard import ShardConfig, scan_folder, shard_items
 
 

@@ -145,7 +145,7 @@ def _hello(s: zmq.Socket, variant: str) -> None:
 def stream(s: zmq.Socket, credits: int, seconds: float, warmup: int = 200) -> dict:
     """Credit-flow streaming: `credits` up front, one more per decoded batch, until `seconds` pass."""
     _credit(s, credits)
-    granted, got, timed, nbytes, wire, lost, last_seq = credits, 0, 0, 0, 0, 0, -1
+    granted, got, timed, nbytes, lost, last_seq = credits, 0, 0, 0, 0, -1
     t0 = t_end = None
     dec = 0.0
     frame_bytes = None

@@ -13,19 +13,21 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "tools.cli", *map(str, args)]
 
 
-def pinned(core: int) -> dict:
+def pinned(core: int | None) -> dict:
     """Popen keywords running a child on one core with one torch/OpenMP thread: on a CPU machine,
-    the stand-in for "its own GPU" (falls back to every core where that core does not exist)."""
+    the stand-in for "its own GPU" (every core where that core does not exist, or core is None)."""
     cores = os.sched_getaffinity(0)
     target = {core} if core in cores else cores
     return dict(preexec_fn=lambda: os.sched_setaffinity(0, target),
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
-def start_server(args: list, log: Path, core: int, timeout: float = 120.0) -> subprocess.Popen:
-    """`mimpipe maskserver ARGS` on `core`; returns once its log says it is ready."""
-    proc = subprocess.Popen(cli("maskserver", *args), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            **pinned(core))
+def start_server(args: list, log: Path, core: int | None = None, timeout: float = 120.0,
+                 cwd: Path | None = None) -> subprocess.Popen:
+    """`mimpipe maskserver ARGS` (on `core`); returns once its log says it is ready, else kills it
+    and raises with the log's tail."""
+    proc = subprocess.Popen(cli("maskserver", *args), stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                            cwd=cwd, **pinned(core))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if b"ready on" in log.read_bytes():
@@ -34,7 +36,7 @@ def start_server(args: list, log: Path, core: int, timeout: float = 120.0) -> su
             break
         time.sleep(0.2)
     stop(proc)
-    raise RuntimeError(f"mask server did not start; see {log}")
+    raise RuntimeError(f"mask server did not start: {Path(log).read_text()[-3000:]}")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
