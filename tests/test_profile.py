@@ -25,3 +25,16 @@ def test_profile_reports_every_stage(sample_ds, tmp_path):
     assert min(saved["loader"].values()) > 0 and saved["teacher_img_s"]["sbam"] > 0
     assert (tmp_path / "profile.png").stat().st_size > 10_000
     assert "overlap" in profile.table(saved)
+
+
+def test_bench_without_a_stage_runs_every_stage(monkeypatch, capsys):
+    """`mimpipe bench` (what `make bench` runs) goes through every registered stage."""
+    from tools import bench, cli
+    ran = []
+    for stage, module in bench.STAGES.items():
+        mod = __import__(module, fromlist=["run"])
+        monkeypatch.setattr(mod, "run", lambda a, stage=stage: ran.append(stage) or {"stage": stage})
+        monkeypatch.setattr(mod, "table", lambda r: f"table {r['stage']}")
+    assert cli.main(["bench"]) == 0
+    assert ran == list(bench.STAGES)
+    assert capsys.readouterr().out.splitlines() == [f"table {s}" for s in bench.STAGES]

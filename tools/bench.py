@@ -23,13 +23,12 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    stages = [args.stage] if args.stage else list(STAGES)
-    for stage in stages:
+    run_all = not args.stage   # `mimpipe bench` alone runs every stage with its defaults
+    for stage in list(STAGES) if run_all else [args.stage]:
         mod = importlib.import_module(STAGES[stage])
-        if not args.stage:   # `mimpipe bench` alone runs every stage with its defaults
-            args = _defaults(stage)
-        result = mod.run(args)
-        print(json.dumps(result) if args.json else mod.table(result))
+        stage_args = _defaults(stage) if run_all else args
+        result = mod.run(stage_args)
+        print(json.dumps(result) if stage_args.json else mod.table(result), flush=True)
     return 0
 
 
