@@ -29,3 +29,14 @@ def test_knn_votes_by_weighted_neighbours():
 def test_evaluate_a_real_encoder(sample_ds):
     r = evaluate(load_encoder("mae_vit_micro_patch8_64", None), load_manifest(sample_ds), holdout=4)
     assert (r["train"], r["test"]) == (90, 30) and 0.0 <= r["knn"] <= 1.0 and 0.0 <= r["linear"] <= 1.0
+
+
+def test_a_checkpoint_with_loss_heads_evaluates(sample_ds, tmp_path):
+    """Training checkpoints also hold the decoder and LUT's projector/predictor: eval reads the encoder."""
+    from train.trainer import TrainConfig, train
+    train(TrainConfig(shards=str(sample_ds), out=str(tmp_path), model="mae_vit_micro_patch8_64", batch_size=8,
+                      max_steps=1, threads=1, lut=1.0, views="src,src+color", head_hidden=64))
+    for part in ("model", "ema"):
+        enc = load_encoder("mae_vit_micro_patch8_64", str(tmp_path / "checkpoint.pt"), part)
+        r = evaluate(enc, load_manifest(sample_ds), holdout=4)
+        assert r["test"] == 30

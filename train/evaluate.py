@@ -89,7 +89,10 @@ def load_encoder(model: str, checkpoint: str | None, part: str = "model"):
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and part in state and isinstance(state[part], dict):
         state = state[part]
-    load_encoder_state(enc, {k: v for k, v in state.items() if not k.startswith("decoder")})
+    # a training checkpoint also holds the decoder and loss heads (projector, predictor, mam):
+    # only the encoder's names are evaluated; a missing encoder key is still an error
+    own = enc.state_dict()
+    load_encoder_state(enc, {k: v for k, v in state.items() if k in own})
     return enc
 
 
