@@ -28,6 +28,7 @@ import zmq
 import zmq.auth  # load_certificate for CURVE
 
 from maskserver import protocol as P
+from maskserver.weights import weight_chunks
 from maskserver.strategies import random_mask, unpack_mask
 
 log = logging.getLogger("mimpipe.maskclient")
@@ -142,8 +143,8 @@ class MaskClient:
         return _masks_to_batch(msg)
 
     def send_weights(self, state_dict: dict, version: int, step: int) -> None:
-        """Snapshot now (see protocol.weight_chunks) and queue the chunks for the I/O thread."""
-        for frames in P.weight_chunks(state_dict, version, step):
+        """Snapshot now (see weights.weight_chunks) and queue the chunks for the I/O thread."""
+        for frames in weight_chunks(state_dict, version, step):
             self._command(("send", frames))
 
     def send_feedback(self, epoch: int, step: int, head_loss_sum, head_count) -> None:

@@ -36,7 +36,7 @@ F = float16|bf16|float32; D in [1, 16384]; M in [1, 4096]. MASKS: `seq` counts M
 gap is a lost message), `checksum` is `checksum(sample ids)`, teacher_version/step -1 = no teacher
 weights (random); `mask` is `pack_mask` of `[n, L] bool, True = masked` (numpy.packbits order,
 padding bits 0), and `len_keep[i]` in [1, L] must equal row i's unmasked count. WEIGHTS: see
-`weight_chunks` and `WeightAssembler`. Values are checked where cheap (len_keep, mask bits, heads,
+maskserver/weights.py (`weight_chunks`, `WeightAssembler`). Values are checked where cheap (len_keep, mask bits, heads,
 feedback); float targets are not scanned for NaN (O(n*L) per batch; the trainer's loss sees them).
 Unknown fields or arrays are rejected: a new field is a new PROTOCOL_VERSION.
 """
@@ -47,7 +47,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -97,7 +97,7 @@ DTYPES = {"uint8": np.dtype("u1"), "int16": np.dtype("<i2"), "int32": np.dtype("
           "float32": np.dtype("<f4")}
 TORCH_DTYPES = {"uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32, "int64": torch.int64,
                 "float16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32}
-_TORCH_TAGS = {v: k for k, v in TORCH_DTYPES.items()}
+TORCH_TAGS = {v: k for k, v in TORCH_DTYPES.items()}
 _NUMPY_TAGS = {(d.kind, d.itemsize): k for k, d in DTYPES.items() if k != "bf16"}
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 _bitcount = getattr(np, "bitwise_count", _POPCOUNT.__getitem__)  # np.bitwise_count: numpy >= 2.0
@@ -118,7 +118,7 @@ class ProtocolError(Exception):
         return encode(ERROR, {"code": self.code, "message": message})
 
 
-def _r(v: Any) -> str:
+def brief(v: Any) -> str:
     """repr of a peer-supplied value, truncated: error messages must not echo 4 KiB strings."""
     s = repr(v)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -132,7 +132,7 @@ class Int:
 
     def check(self, name: str, v: Any) -> None:
         if type(v) is not int:  # bool is an int subclass, and msgpack gives True for `true`
-            raise ProtocolError(E_FIELD, f"field {name!r} must be an int, got {_r(v)}")
+            raise ProtocolError(E_FIELD, f"field {name!r} must be an int, got {brief(v)}")
         if not self.lo <= v <= self.hi:
             raise ProtocolError(E_FIELD, f"field {name!r} = {v} out of range [{self.lo}, {self.hi}]")
 
@@ -144,7 +144,7 @@ class Str:
     def check(self, name: str, v: Any) -> None:
         if type(v) is not str or not re.fullmatch(self.pattern, v):
             raise ProtocolError(E_FIELD, f"field {name!r} must be a string matching {self.pattern}, "
-                                         f"got {_r(v)}")
+                                         f"got {brief(v)}")
 
 
 @dataclass(frozen=True)
@@ -152,13 +152,13 @@ class Cursor:
     def check(self, name: str, v: Any) -> None:
         if type(v) is not list or len(v) != 2 or any(type(x) is not int or not 0 <= x <= MAX_COUNT
                                                        for x in v):
-            raise ProtocolError(E_FIELD, f"field {name!r} must be [epoch, step], non-negative ints; got {_r(v)}")
+            raise ProtocolError(E_FIELD, f"field {name!r} must be [epoch, step], non-negative ints; got {brief(v)}")
 
 
 def _shape(where: str, shape: Any) -> list[int]:
     if type(shape) is not list or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
         raise ProtocolError(E_ARRAY, f"{where}: shape must be a list of at most {MAX_NDIM} non-negative "
-                                     f"ints, got {_r(shape)}")
+                                     f"ints, got {brief(shape)}")
     return shape
 
 
@@ -169,17 +169,17 @@ class TensorTable:
 
     def check(self, name: str, v: Any) -> None:
         if type(v) is not list:
-            raise ProtocolError(E_FIELD, f"field {name!r} must be a list of tensor entries, got {_r(v)}")
+            raise ProtocolError(E_FIELD, f"field {name!r} must be a list of tensor entries, got {brief(v)}")
         seen = set()
         for i, e in enumerate(v):
             if type(e) is not dict or set(e) != self.KEYS:
-                raise ProtocolError(E_FIELD, f"{name}[{i}] must be a map of {sorted(self.KEYS)}, got {_r(e)}")
+                raise ProtocolError(E_FIELD, f"{name}[{i}] must be a map of {sorted(self.KEYS)}, got {brief(e)}")
             n, tag = e["name"], e["dtype"]
             if type(n) is not str or not 0 < len(n) <= 256 or not n.isprintable() or n in seen:
-                raise ProtocolError(E_FIELD, f"{name}[{i}].name must be a unique printable str, got {_r(n)}")
+                raise ProtocolError(E_FIELD, f"{name}[{i}].name must be a unique printable str, got {brief(n)}")
             seen.add(n)
             if tag not in tuple(DTYPES):
-                raise ProtocolError(E_FIELD, f"tensor {n!r}: dtype {_r(tag)} not allowed; "
+                raise ProtocolError(E_FIELD, f"tensor {n!r}: dtype {brief(tag)} not allowed; "
                                              f"choose from {', '.join(DTYPES)}")
             shape = _shape(f"tensor {n!r}", e["shape"])
             for k in ("offset", "nbytes"):
@@ -326,7 +326,7 @@ def _plain(v: Any) -> Any:
 def _wire(name: str, a: Any) -> tuple[str, np.ndarray]:
     """An array or tensor -> (dtype tag, its bytes as a flat uint8 array), a view when contiguous."""
     if isinstance(a, torch.Tensor):
-        tag = _TORCH_TAGS.get(a.dtype)
+        tag = TORCH_TAGS.get(a.dtype)
     elif isinstance(a, np.ndarray):
         tag = _NUMPY_TAGS.get((a.dtype.kind, a.dtype.itemsize))
     else:
@@ -383,7 +383,7 @@ def decode(frames: list | tuple) -> Message:
     except ProtocolError:
         raise
     except Exception as e:  # a decoder bug must not kill the server; the fuzz tests assert it never fires
-        raise ProtocolError(E_INTERNAL, f"decoder failed: {type(e).__name__}: {_r(str(e))}") from None
+        raise ProtocolError(E_INTERNAL, f"decoder failed: {type(e).__name__}: {brief(str(e))}") from None
 
 
 def _decode(frames: Any) -> Message:
@@ -397,22 +397,22 @@ def _decode(frames: Any) -> Message:
         header = msgpack.unpackb(head, raw=False, strict_map_key=True, max_str_len=MAX_STR, max_bin_len=0,
                                  max_ext_len=0, max_array_len=MAX_LIST, max_map_len=MAX_MAP)
     except Exception as e:
-        raise ProtocolError(E_HEADER, f"header is not valid msgpack: {_r(str(e))}") from None
+        raise ProtocolError(E_HEADER, f"header is not valid msgpack: {brief(str(e))}") from None
     if type(header) is not dict:
         raise ProtocolError(E_HEADER, f"header must be a msgpack map, got {type(header).__name__}")
     v = header.get("v")
     if type(v) is not int or v != PROTOCOL_VERSION:
-        raise ProtocolError(E_VERSION, f"peer speaks protocol version {_r(v)}, "
+        raise ProtocolError(E_VERSION, f"peer speaks protocol version {brief(v)}, "
                                        f"this side speaks {PROTOCOL_VERSION}")
     mtype = header.get("type")
     schema = SCHEMAS.get(mtype) if type(mtype) is str else None
     if schema is None:
-        raise ProtocolError(E_TYPE, f"unknown message type {_r(mtype)}; "
+        raise ProtocolError(E_TYPE, f"unknown message type {brief(mtype)}; "
                                     f"expected one of {', '.join(SCHEMAS)}")
     fields = {k: val for k, val in header.items() if k not in _RESERVED}
     unknown = [k for k in fields if k not in schema.fields and k not in schema.optional]
     if unknown:
-        raise ProtocolError(E_FIELD, f"{mtype}: unknown field {_r(unknown[0])}")
+        raise ProtocolError(E_FIELD, f"{mtype}: unknown field {brief(unknown[0])}")
     for name, spec in schema.fields.items():
         if name not in fields:
             raise ProtocolError(E_FIELD, f"{mtype}: missing field {name!r}")
@@ -429,22 +429,22 @@ def _decode(frames: Any) -> Message:
 
 def _arrays(mtype: str, schema: Schema, descs: Any, frames: Any, fixed: dict[str, int]):
     if type(descs) is not list or len(descs) != len(frames) - 1:
-        n = len(descs) if type(descs) is list else _r(descs)
+        n = len(descs) if type(descs) is list else brief(descs)
         raise ProtocolError(E_FRAMES, f"{mtype}: header declares {n} arrays, "
                                       f"message has {len(frames) - 1} array frames")
     arrays, dtypes, free = {}, {}, {}
     for i, desc in enumerate(descs, 1):
         if type(desc) is not dict or set(desc) != {"name", "dtype", "shape"}:
             raise ProtocolError(E_ARRAY, f"array descriptor {i} must be a map of name, dtype, shape; "
-                                         f"got {_r(desc)}")
+                                         f"got {brief(desc)}")
         name, tag = desc["name"], desc["dtype"]
         spec = schema.arrays.get(name) if type(name) is str else None
         if spec is None or name in arrays:
             what = "unknown" if spec is None else "duplicate"
-            raise ProtocolError(E_ARRAY, f"{mtype}: {what} array {_r(name)}; "
+            raise ProtocolError(E_ARRAY, f"{mtype}: {what} array {brief(name)}; "
                                          f"expected {', '.join(schema.arrays) or 'none'}")
         if tag not in spec.dtypes:
-            raise ProtocolError(E_ARRAY, f"array {name!r}: dtype {_r(tag)} not allowed; "
+            raise ProtocolError(E_ARRAY, f"array {name!r}: dtype {brief(tag)} not allowed; "
                                          f"expected {', '.join(spec.dtypes)}")
         shape = _shape(f"array {name!r}", desc["shape"])
         if len(shape) != len(spec.dims):
@@ -479,97 +479,3 @@ def checksum(sample_ids: Any) -> int:
                          f"got {ids.dtype} {list(ids.shape)}")
     ids = np.ascontiguousarray(ids, dtype="<i8")
     return int.from_bytes(hashlib.blake2b(ids, digest_size=8).digest(), "little")
-
-
-# ---- weights: a snapshot travels as WEIGHTS chunks; the receiver assembles and verifies it ----
-def weight_chunks(state: dict[str, torch.Tensor], version: int, step: int,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list]:
-    """Snapshot `state` now and return an iterator of WEIGHTS messages (frame lists), chunk 0 first.
-
-    The snapshot is one copy into a private buffer, taken at call time: the trainer keeps updating
-    its parameters while zmq sends the frames with copy=False, so live tensors must not be on the
-    wire. Tensors are laid out at WEIGHT_ALIGN-byte offsets; sha256 covers the whole buffer.
-    """
-    table, parts, pos = [], [], 0
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype not in _TORCH_TAGS:
-            raise ProtocolError(E_ARRAY, f"tensor {name!r}: dtype {t.dtype} not allowed; "
-                                         f"choose from {', '.join(DTYPES)}")
-        pos = -(-pos // WEIGHT_ALIGN) * WEIGHT_ALIGN
-        table.append({"name": name, "dtype": _TORCH_TAGS[t.dtype], "shape": list(t.shape), "offset": pos,
-                      "nbytes": t.numel() * t.element_size()})
-        parts.append(t)
-        pos += table[-1]["nbytes"]
-    buf = np.zeros(pos, np.uint8)
-    for e, t in zip(table, parts):
-        if e["nbytes"]:
-            buf[e["offset"]:e["offset"] + e["nbytes"]] = t.reshape(-1).view(torch.uint8).numpy()
-    common = {"version": version, "step": step, "n_chunks": max(1, -(-pos // chunk_bytes)),
-              "chunk_bytes": chunk_bytes, "total_bytes": pos, "sha256": hashlib.sha256(buf).hexdigest()}
-    return iter([encode(WEIGHTS, {**common, "chunk": i, **({"tensors": table} if i == 0 else {})},
-                        {"data": buf[i * chunk_bytes:(i + 1) * chunk_bytes]})
-                 for i in range(common["n_chunks"])])
-
-
-@dataclass(frozen=True)
-class Weights:
-    version: int
-    step: int  # the trainer step the snapshot was taken at (for staleness)
-    state: dict[str, torch.Tensor]  # original dtypes; all views of one private buffer
-
-
-class WeightAssembler:
-    """Collects WEIGHTS chunks (any order, duplicates ignored) into state dicts.
-
-    `add` returns a `Weights` only when every chunk of a version newer than `version` is in and the
-    sha256 matches; a partial upload never yields, a corrupt one raises ProtocolError(WEIGHTS) and
-    is dropped. A chunk of a newer version abandons the upload in progress; chunks of older or
-    already applied versions are counted in `ignored`. Memory grows only with chunks received.
-    """
-
-    def __init__(self, *, version: int = -1, max_bytes: int = MAX_WEIGHTS_BYTES):
-        self.version, self.max_bytes, self.ignored = version, max_bytes, 0
-        self._reset(None)
-
-    def _reset(self, key: tuple | None) -> None:
-        self._key, self._chunks, self._table = key, {}, None
-
-    def add(self, msg: Message) -> Weights | None:
-        if msg.type != WEIGHTS:
-            raise ProtocolError(E_TYPE, f"WeightAssembler takes {WEIGHTS!r} messages, got {msg.type!r}")
-        f = msg.fields
-        key = tuple(f[k] for k in ("version", "step", "n_chunks", "chunk_bytes", "total_bytes", "sha256"))
-        stale = f["version"] <= self.version or (self._key is not None and f["version"] < self._key[0])
-        if stale or (key == self._key and f["chunk"] in self._chunks):
-            self.ignored += 1
-            return None
-        if f["total_bytes"] > self.max_bytes:
-            raise ProtocolError(E_WEIGHTS, f"weights version {f['version']}: total_bytes {f['total_bytes']} > "
-                                           f"limit {self.max_bytes}")
-        if self._key is None or key[0] > self._key[0]:
-            self._reset(key)
-        elif key != self._key:
-            self._reset(None)
-            raise ProtocolError(E_WEIGHTS, f"weights version {f['version']} chunk {f['chunk']}: {_r(key[1:])} "
-                                           f"disagrees with the upload in progress; upload dropped")
-        self._chunks[f["chunk"]] = bytes(msg.arrays["data"])  # own copy: the caller may reuse the frame
-        if f["chunk"] == 0:
-            self._table = f["tensors"]
-        return self._finish() if len(self._chunks) == f["n_chunks"] else None
-
-    def _finish(self) -> Weights:
-        (version, step, n, _, total, sha), chunks, table = self._key, self._chunks, self._table
-        self._reset(None)
-        buf = bytearray().join(chunks[i] for i in range(n))  # one copy; the tensors are views of it
-        got = hashlib.sha256(buf).hexdigest()
-        if len(buf) != total or got != sha:
-            raise ProtocolError(E_WEIGHTS, f"weights version {version}: sha256 {got[:16]}... != declared "
-                                           f"{sha[:16]}...; upload dropped")
-        self.version = version
-        state = {}
-        for e in table:
-            dt, count = TORCH_DTYPES[e["dtype"]], math.prod(e["shape"])
-            state[e["name"]] = (torch.frombuffer(buf, dtype=dt, count=count, offset=e["offset"])
-                                .reshape(e["shape"]) if count else torch.empty(e["shape"], dtype=dt))
-        return Weights(version, step, state)

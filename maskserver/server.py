@@ -35,6 +35,7 @@ import torch
 import zmq
 
 from maskserver import protocol as P
+from maskserver.weights import WeightAssembler
 from maskserver.client import batch_generator
 from maskserver.strategies import STRATEGIES, get_strategy, pack_mask, plb_update, random_mask
 from pipeline.plan import add_plan_arguments, plan_config_from_args
@@ -90,7 +91,7 @@ class MaskServer:
         self.workers: list[threading.Thread] = []  # joined at shutdown (a thread inside DALI at exit aborts)
         self.by_identity: dict[bytes, int] = {}
         self.lock = threading.Lock()  # the teacher, pending weights, PLB state
-        self.assembler = P.WeightAssembler(version=teacher.version)
+        self.assembler = WeightAssembler(version=teacher.version)
         self.pending = None  # Weights waiting for the next batch boundary
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (identity, frames) from workers
         self.feedback_seen: set[tuple[int, int, int]] = set()

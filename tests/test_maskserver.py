@@ -20,6 +20,7 @@ import torch
 import zmq
 
 from maskserver import protocol as P
+from maskserver.weights import weight_chunks
 from maskserver.client import MaskClient, MaskServerError, batch_generator
 from pipeline.manifest import load_manifest
 from pipeline.plan import Plan, PlanConfig
@@ -450,7 +451,7 @@ def test_core_feedback_plb_and_weights():
         assert P.decode(list(srv.ready(0.0))[-1][1]).fields["code"] == P.E_STATE
         # weights: a corrupt upload is refused, a complete one becomes pending (applied by a worker)
         sd = {k: v.clone() for k, v in teacher.encoder.state_dict().items()}
-        chunks = list(P.weight_chunks(sd, 5, 10, chunk_bytes=1 << 14))
+        chunks = list(weight_chunks(sd, 5, 10, chunk_bytes=1 << 14))
         assert len(chunks) > 1
         for c in chunks[:-1]:
             srv.handle(b"a", c, 0.0)

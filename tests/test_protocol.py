@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from maskserver import protocol as P
 from maskserver.protocol import (
     BYE, CREDIT, ERROR, FEEDBACK, HEARTBEAT, HELLO, MASKS, PROTOCOL_VERSION, WEIGHTS, WELCOME,
-    Message, ProtocolError, WeightAssembler, checksum, decode, encode, weight_chunks,
+    Message, ProtocolError, checksum, decode, encode,
 )
+from maskserver.weights import WeightAssembler, weight_chunks
 from maskserver.strategies import pack_mask, random_mask
 
 N, L, D, M = 8, 20, 6, 4  # L = 20: 3 mask bytes per image, 4 padding bits

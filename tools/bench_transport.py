@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from maskserver import protocol as P
+from maskserver.weights import WeightAssembler, weight_chunks
 from maskserver.strategies.masking import pack_mask
 
 REQUIRED_BATCHES_S = 170  # DESIGN.md, Transport: 8 GPUs need ~170 batches/s
@@ -85,7 +86,7 @@ def serve(sock: zmq.Socket, n: int, L: int, proc, deadline: float) -> dict:
     arrays = {v: make_arrays(n, L, v == "targets") for v in VARIANTS}
     ck = P.checksum(np.arange(n))
     peers: dict[bytes, dict] = {}
-    asm = P.WeightAssembler()
+    asm = WeightAssembler()
     stats = {"encode_s": 0.0, "encoded": 0, "assemble_s": 0.0}
     while True:
         if not sock.poll(100):
@@ -203,7 +204,7 @@ def vit_b_state() -> dict[str, torch.Tensor]:
 
 def upload(s: zmq.Socket, state: dict) -> dict:
     t0 = time.perf_counter()
-    chunks = list(P.weight_chunks(state, version=1, step=0))
+    chunks = list(weight_chunks(state, version=1, step=0))
     t1 = time.perf_counter()
     total = sum(c[1].nbytes for c in chunks)
     for c in chunks:
