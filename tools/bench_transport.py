@@ -1,6 +1,6 @@
 """transport: MASKS msgs/s, MB/s, round trip and bytes/image over tcp and ipc, plus a ViT-B weight upload.
 
-One ROUTER (this process, configured like maskserver.server.make_socket: LINGER 0, ZMQ_MAXMSGSIZE =
+One ROUTER (this process, configured like maskserver.serve.make_socket: LINGER 0, ZMQ_MAXMSGSIZE =
 protocol.MAX_ARRAY_BYTES) bound to tcp://127.0.0.1:<free port> and ipc://<temp dir>; one DEALER client
 in a separate process (multiprocessing 'spawn': its zmq context is created in the child). Per transport
 and variant (masks only; masks + float16 gpa_target) the client grants `--credits` credits and one more
@@ -48,7 +48,7 @@ def add_arguments(p) -> None:
 def _socket(ctx: zmq.Context, kind: int, timeout_ms: int) -> zmq.Socket:
     s = ctx.socket(kind)
     s.setsockopt(zmq.LINGER, 0)
-    s.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)  # as maskserver.server.make_socket
+    s.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)  # as maskserver.serve.make_socket
     s.setsockopt(zmq.RCVTIMEO, timeout_ms)
     s.setsockopt(zmq.SNDTIMEO, timeout_ms)
     return s

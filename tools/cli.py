@@ -17,7 +17,7 @@ COMMANDS = {
     "demo": ("tools.demo", "the whole system on the sample dataset (what `make demo` runs)"),
     "profile": ("tools.profile", "where throughput goes: every stage alone and the whole system"),
     "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
-    "maskserver": ("maskserver.server", "serve attention-guided masks to trainer ranks over ZeroMQ"),
+    "maskserver": ("maskserver.serve", "serve attention-guided masks to trainer ranks over ZeroMQ"),
     "keys": ("maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
 }
 

@@ -1,0 +1,184 @@
+"""`mimpipe maskserver`: the socket shell around MaskServer (server.py) and the command.
+
+One thread owns the ROUTER socket (zmq sockets are not thread-safe): it receives, hands each frame
+list to `MaskServer.handle`, sends what `MaskServer.ready` releases, and writes stats; it never
+blocks longer than a poll.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from maskserver import protocol as P
+from maskserver.server import MaskServer, ServerConfig
+from maskserver.strategies import STRATEGIES
+from pipeline.plan import add_plan_arguments, plan_config_from_args
+
+log = logging.getLogger("mimpipe.maskserver")
+
+
+# ---- the socket shell ----
+def make_socket(ctx: zmq.Context, bind: str, curve_dir: str | None):
+    """The ROUTER, bound; with CURVE, only the public keys in curve_dir/clients may connect."""
+    auth = None
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)  # an oversized frame disconnects its sender
+    sock.setsockopt(zmq.SNDHWM, 1000)
+    if curve_dir:
+        from zmq.auth.thread import ThreadAuthenticator
+        from maskserver.keys import server_keys
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        clients = Path(curve_dir) / "clients"
+        if not clients.is_dir():
+            raise ValueError(f"--curve {curve_dir}: no clients/ folder of public keys (run `mimpipe keys`)")
+        auth.configure_curve(domain="*", location=str(clients))
+        sock.curve_publickey, sock.curve_secretkey = server_keys(curve_dir)
+        sock.curve_server = True
+    sock.bind(bind)
+    return sock, auth
+
+
+def serve(server: MaskServer, sock: zmq.Socket, stop: threading.Event, *, stats_every: float = 10.0,
+          stats_file: str | None = None) -> None:
+    """The serve loop: receive, handle, send what is ready; never blocks longer than a poll."""
+    poll_ms = max(1, int(min(0.05, server.cfg.heartbeat / 4) * 1000))
+    t_stats, sent_before = time.monotonic(), 0
+    while not stop.is_set():
+        now = time.monotonic()
+        for _ in range(100) if sock.poll(poll_ms) else ():  # bounded burst, then send
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            if len(frames) >= 2:  # [identity, *message]; anything else has no sender to answer
+                server.handle(frames[0].bytes, [f.buffer for f in frames[1:]], now)
+            else:
+                server.counts["bad_frames"] += 1
+        for identity, frames in server.ready(time.monotonic()):
+            try:
+                sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:  # peer gone or its pipe full: heartbeats/credits recover
+                server.counts["send_dropped"] += 1
+        if now - t_stats >= stats_every:
+            rate = (server.counts["batches"] - sent_before) / (now - t_stats)
+            report(server.stats(now, rate), stats_file)
+            t_stats, sent_before = now, server.counts["batches"]
+    for identity, frames in server.bye():
+        try:
+            sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+    report(server.stats(time.monotonic(), 0.0), stats_file)
+
+
+def report(stats: dict, path: str | None) -> None:
+    ranks = " ".join(f"r{r}:q{v['queue']}/c{v['credits']}/s{v['staleness']}" for r, v in stats["ranks"].items())
+    log.info("%.1f batches/s, teacher v%d, ranks %s, bad frames %d, freed %d", stats["batches_per_s"],
+             stats["teacher_version"], ranks or "-", stats["bad_frames"], len(stats["freed"]))
+    if path and str(path).endswith(".jsonl"):   # a timeline: one snapshot per period
+        with open(path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+    elif path:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+        os.replace(tmp, path)  # readers never see a half-written file
+
+
+# ---- the command ----
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--strategy", required=True, choices=tuple(STRATEGIES))
+    p.add_argument("--model", required=True, help="teacher architecture, e.g. mae_vit_base_patch16")
+    p.add_argument("--source", default=None, help="online | momentum | frozen:PATH (default: the "
+                   "strategy's paper choice; momentum for gpa without a checkpoint)")
+    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--block", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--decoder", default="dali", choices=("dali", "pil"))
+    p.add_argument("--threads", type=int, default=1, help="decoder threads per rank")
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    p.add_argument("--ranks", default=None, help="comma list of ranks served (default: all)")
+    p.add_argument("--max-ahead", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=100, help="for progress = epoch / epochs (gpa)")
+    p.add_argument("--lut", action="store_true", help="send LUT targets (momentum teacher, 2 views)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="strategy option, repeatable (e.g. head=1 for gpa on a 2-head model)")
+    p.add_argument("--stats-file", default=None,
+                   help="JSON snapshot of the stats; a .jsonl name appends one line per period instead")
+    p.add_argument("--stats-every", type=float, default=10.0, help="seconds")
+    p.add_argument("--curve", default=None, help="key folder from `mimpipe keys`: CURVE auth on")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds; 3 silent intervals = dead")
+    add_plan_arguments(p)
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """'head=11' -> ('head', 11): JSON values (numbers, true/false), else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise ValueError(f"--option {text!r}: expected KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def main(args: argparse.Namespace) -> int:
+    from maskserver.teacher import Teacher, default_source
+    from pipeline.loader import Loader
+    from pipeline.manifest import load_manifest
+    from pipeline.plan import Plan
+    from train.model import model_config
+
+    manifest = load_manifest(args.shards)
+    plan_cfg = plan_config_from_args(args, model_config(args.model).img_size)
+    ranks = tuple(range(args.world_size)) if args.ranks is None else \
+        tuple(int(r) for r in args.ranks.split(",") if r.strip())
+    bad = [r for r in ranks if not 0 <= r < args.world_size]
+    if bad:
+        raise ValueError(f"--ranks {args.ranks}: ranks {bad} outside world size {args.world_size}")
+    cfg = ServerConfig(args.strategy, args.ratio, args.block, ranks, args.max_ahead, args.heartbeat,
+                       args.epochs, args.lut, tuple(parse_option(o) for o in args.option))
+    # LUT's projector travels only when LUT targets are served; otherwise the EMA encoder is all
+    args.source = args.source or default_source(args.strategy)
+    teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device,
+                      projector_hidden=4096 if args.lut else None)
+    plan = Plan(manifest, plan_cfg, ranks[0] if ranks else 0)
+
+    def make_loader(rank: int):
+        return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2)
+
+    server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ctx = zmq.Context()
+    sock, auth = make_socket(ctx, args.bind, args.curve)
+    log.info("mask server %s: %s on %s, teacher %s (%s, v%d), ranks %s, plan %s, %d steps/epoch, "
+             "%d patches", server.server_id, args.strategy, args.bind, args.model, args.source, teacher.version,
+             list(ranks), plan.hash, plan.steps, server.num_patches)
+    print(f"mimpipe maskserver: ready on {args.bind} (server_id {server.server_id}, plan {plan.hash})",
+          flush=True)
+    try:
+        serve(server, sock, stop, stats_every=args.stats_every, stats_file=args.stats_file)
+    finally:
+        for st in list(server.ranks.values()):
+            server.free(st.rank, "server shutting down")
+        for w in server.workers:
+            w.join(5.0)
+        sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
+        ctx.term()
+    log.info("mask server %s stopped", server.server_id)
+    return 0
