@@ -72,6 +72,15 @@ def block_for(strategy: Strategy, depth: int, block: int | None = None) -> int |
     return b
 
 
+def strategy_options(strategy: str, cfg, options: Mapping | None = None) -> dict:
+    """The strategy's options with defaults fitted to the model: gpa reads head 11 (the paper's)
+    where the model has one, else the sum of its heads. Explicit options win."""
+    options = dict(options or {})
+    if strategy == "gpa" and "head" not in options and cfg.num_heads <= 11:
+        options["head"] = -1
+    return options
+
+
 def state_prefixes(needs: str, block: int | None) -> tuple[str, ...]:
     """Name prefixes of the parameters and buffers that the computation for `needs` at `block` reads."""
     if needs == "none":
@@ -204,10 +213,8 @@ class Teacher:
             raise ValueError(f"generator on {generator.device}, teacher on {self.device}: noise is drawn "
                              f"where the teacher tensors are")
         inp = self.mask_inputs(images, strategy_name, block=block, progress=progress, head_probs=head_probs)
-        options = dict(options or {})
-        if strategy_name == "gpa" and "head" not in options and self.cfg.num_heads <= 11:
-            options["head"] = -1   # no head 11 (the paper's) in this model: the sum of its heads
-        return get_strategy(strategy_name)(inp, ratio, generator=generator, **options)
+        return get_strategy(strategy_name)(inp, ratio, generator=generator,
+                                           **strategy_options(strategy_name, self.cfg, options))
 
     @torch.no_grad()
     def mask_inputs(self, images: Tensor, strategy_name: str, *, block: int | None = None,

@@ -61,16 +61,21 @@ def _timed(batches, n_batches: int, batch_size: int) -> float:
     return n_batches * batch_size / (time.perf_counter() - t0)
 
 
-def ours(m, args, decoder: str, interpolation: str) -> float:
+def loader_img_s(m, cfg, decoder: str, *, threads: int, batches: int) -> float:
+    """Images/s of our Loader over `batches` batches after the first (epochs chained)."""
     from pipeline.loader import Loader
+    loader = Loader(m, cfg, decoder=decoder, threads=threads)
+    try:
+        return _timed((b for e in range(10**6) for b in loader.epoch(e)), batches, cfg.batch_size)
+    finally:
+        loader.close()
+
+
+def ours(m, args, decoder: str, interpolation: str) -> float:
     from pipeline.plan import PlanConfig
     cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=args.img_size,
                      interpolation=interpolation)
-    loader = Loader(m, cfg, decoder=decoder, threads=args.threads)
-    try:
-        return _timed((b for e in range(100) for b in loader.epoch(e)), args.batches, args.batch_size)
-    finally:
-        loader.close()
+    return loader_img_s(m, cfg, decoder, threads=args.threads, batches=args.batches)
 
 
 def baseline(m, args, interpolation: str) -> float:

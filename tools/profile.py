@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tools.bench_loader import loader_img_s
 from tools.procs import cli, pinned, start_server, stop
 
 
@@ -82,22 +83,6 @@ class on_core:
     def __exit__(self, *exc):
         os.sched_setaffinity(0, self.aff)
         torch.set_num_threads(self.threads)
-
-
-def loader_img_s(m, plan_cfg, decoder: str, batches: int = 20) -> float:
-    from pipeline.loader import Loader
-    loader = Loader(m, plan_cfg, decoder=decoder, threads=1)
-    try:
-        it = (b for e in range(1000) for b in loader.epoch(e))
-        next(it)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        dt = time.perf_counter() - t0
-        it.close()
-        return batches * plan_cfg.batch_size / dt
-    finally:
-        loader.close()
 
 
 def teacher_img_s(model: str, strategy: str, images, batches: int = 10) -> float:
@@ -162,7 +147,7 @@ def run(args) -> dict:
     images = torch.randn(args.batch_size, 3, mc.img_size, mc.img_size)
     res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps}
     with on_core(0):
-        res["loader"] = {"dali_img_s": loader_img_s(m, plan_cfg, "dali"), "pil_img_s": loader_img_s(m, plan_cfg, "pil")}
+        res["loader"] = {f"{d}_img_s": loader_img_s(m, plan_cfg, d, threads=1, batches=20) for d in ("dali", "pil")}
     with on_core(1):
         res["teacher_img_s"] = {s: teacher_img_s(args.model, s, images) for s in strategies}
     res["random"] = train_run(args, args.out / "random", "random")

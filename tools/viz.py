@@ -16,7 +16,7 @@ import torch
 from maskserver.strategies import (STRATEGIES, get_strategy, gpa_scores, head_recall, len_keep_for,
                                    sbam_salience, select_head)
 from maskserver.strategies.gpa import gpa_per_head
-from maskserver.teacher import Teacher
+from maskserver.teacher import Teacher, block_for, strategy_options
 from pipeline.decode import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.loader import Loader
 from pipeline.manifest import load_manifest
@@ -41,20 +41,14 @@ def add_arguments(p) -> None:
                         "(METHODS.md 3.3; the sample dataset's foreground masks are the labels)")
 
 
-def gpa_options(cfg) -> tuple[int, dict]:
-    """The paper's b9h11 where the model has it; the last block and the sum of heads otherwise."""
-    block = 9 if cfg.depth > 9 else cfg.depth - 1
-    return block, {"head": 11 if cfg.num_heads > 11 else -1}
-
-
-def score_map(teacher: Teacher, images, name: str, block) -> torch.Tensor:
+def score_map(teacher: Teacher, images, name: str) -> torch.Tensor:
     """[N, L] in [0, 1]: the quantity the strategy ranks patches by (zeros for random)."""
     s = get_strategy(name)
-    inp = teacher.mask_inputs(images, name, block=block)
+    inp = teacher.mask_inputs(images, name)
     if s.needs == "embed":
         x = sbam_salience(inp.embed)
     elif s.needs == "qk":
-        x = gpa_scores(inp.q, inp.k, head=gpa_options(teacher.cfg)[1]["head"])
+        x = gpa_scores(inp.q, inp.k, head=strategy_options("gpa", teacher.cfg)["head"])
     elif s.needs == "cls_attn":
         x = inp.cls_attn.mean(1)
     else:
@@ -95,7 +89,6 @@ def run(args) -> dict:
     for n in names:
         get_strategy(n)   # fail on a typo before any work
     teacher = make_teacher(args)
-    block, gpa_opts = gpa_options(cfg)
     plan = PlanConfig(seed=args.seed, batch_size=64, img_size=cfg.img_size, views=(ViewConfig(crop="center"),))
     loader = Loader(m, plan, decoder="dali")
     gen = torch.Generator().manual_seed(args.seed)
@@ -110,10 +103,7 @@ def run(args) -> dict:
             keep = batch.valid & (fg.sum(1) > 0)
             masks = {}
             for n in names:
-                opts = gpa_opts if n == "gpa" else {}
-                masks[n] = teacher.compute(batch.images, n, ratio=args.ratio, generator=gen,
-                                           block=block if get_strategy(n).block is not None else None,
-                                           options=opts).mask
+                masks[n] = teacher.compute(batch.images, n, ratio=args.ratio, generator=gen).mask
                 rec = (masks[n] & fg).sum(1).float() / fg.sum(1).clamp(min=1)
                 hit[n] += float(rec[keep].sum())
             if args.gpa_shots and few_shot is None:
@@ -122,9 +112,7 @@ def run(args) -> dict:
             if shown is None:
                 k = slice(0, args.n)
                 shown = (batch.images[k].clone(), fg[k],
-                         {n: (score_map(teacher, batch.images[k], n,
-                                        block if get_strategy(n).block is not None else None), masks[n][k])
-                          for n in names})
+                         {n: (score_map(teacher, batch.images[k], n), masks[n][k]) for n in names})
             total += int(keep.sum())
             if total >= args.recall_images:
                 break
@@ -135,7 +123,7 @@ def run(args) -> dict:
     return {"images": total, "ratio": args.ratio, "recall": recall, "png": str(args.out),
             **({"gpa_few_shot": few_shot} if args.gpa_shots else {}),
             "teacher": args.weights or f"fresh {args.model} (seed {args.seed})",
-            "gpa": {"block": block, **gpa_opts}}
+            "gpa": {"block": block_for(get_strategy("gpa"), cfg.depth), **strategy_options("gpa", cfg)}}
 
 
 def draw(path: Path, images, fg, per_strategy: dict, cfg) -> None:
