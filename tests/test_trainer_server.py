@@ -52,3 +52,15 @@ def test_server_masks_and_local_masks_train_the_same(sample_ds, tmp_path):
     train(TrainConfig(out=str(tmp_path / "l"), masks="random", **common))
     served, local = rows(tmp_path / "s" / "metrics.jsonl"), rows(tmp_path / "l" / "metrics.jsonl")
     assert [r["loss"] for r in served] == [r["loss"] for r in local]
+
+
+def test_mam_sits_out_the_batches_a_missing_server_leaves_to_random_masks(sample_ds, tmp_path):
+    """No server answers: every batch falls back to random masks, which carry no GPA target, so the
+    MAM term is skipped for them instead of stopping the run."""
+    out = tmp_path / "run"
+    train(TrainConfig(shards=str(sample_ds), out=str(out), model=MODEL, masks=f"ipc://{tmp_path}/nobody",
+                      strategy="gpa", mam=1.0, mask_policy="random", mask_timeout=0.2, batch_size=8,
+                      max_steps=2, threads=1))
+    rs = rows(out / "metrics.jsonl")
+    assert len(rs) == 2 and all(r["fallback"] for r in rs)
+    assert not any("loss_mam" in r for r in rs) and all(r["loss"] == r["loss_mae"] for r in rs)

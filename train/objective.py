@@ -79,21 +79,25 @@ class Student(nn.Module):
         super().__init__()
         self.mae, self.weights, self.tau, self.gather, self.rank = model, dict(weights), tau, gather, rank
 
-    def forward(self, images, mask, *, view2=None, mask2=None, targets=None, want_per_image=False):
+    def forward(self, images, mask, *, view2=None, mask2=None, targets=None, want_per_image=False, skip=()):
         return student_losses(self.mae, self.weights, images, mask, view2=view2, mask2=mask2,
                               targets=targets or {}, want_per_image=want_per_image, tau=self.tau,
-                              gather=self.gather, rank=self.rank)
+                              gather=self.gather, rank=self.rank, skip=skip)
 
 
 def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, mask: Tensor, *,
                    view2: Tensor | None = None, mask2: Tensor | None = None, targets: dict,
-                   want_per_image: bool = False, tau: float = 0.2, gather=None, rank: int = 0):
+                   want_per_image: bool = False, tau: float = 0.2, gather=None, rank: int = 0,
+                   skip=()):
     """images [N, 3, H, W], mask [N, L] (True = masked) -> (total, parts, per_image).
 
     parts: {'mae', and each enabled term}: unweighted scalars with their graphs; total = mae +
     sum weight * term. per_image [N] (detached, PLB feedback) when asked, else None.
     view2/mask2: LUT's second view and its disjoint mask (`second_view_mask`); targets: 'lut_t1/2'
     (LUT), 'key1/2' (contrastive), 'gpa_target' [N, L] (MAM), all teacher outputs (no gradient).
+    skip: enabled terms whose targets this batch lacks (a server's random-fallback batch has no
+    gpa_target): still computed, on whatever targets were passed, so every DDP rank's graph
+    reaches the same parameters, but weighted 0 and left out of parts.
     """
     w = {k: weights.get(k, 0.0) for k in TERMS}
     latent, mask, ids_restore = model.forward_encoder(images, mask=mask)
@@ -122,7 +126,8 @@ def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, m
     total = parts["mae"]
     for k in TERMS:
         if w[k]:
-            total = total + w[k] * parts[k]
+            total = total + (0.0 if k in skip else w[k]) * parts[k]
+    parts = {k: v for k, v in parts.items() if k not in skip}
     per_image = None
     if want_per_image:
         per_image = per_image_loss(pred, patchify(images, model.patch_size), mask, model.norm_pix_loss)

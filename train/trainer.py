@@ -279,15 +279,19 @@ def compute_losses(run: Run, batch, masks):
     if cfg.lut:
         g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank)
         mask2 = second_view_mask(masks.mask, g)
+    skip = ()
     if cfg.mam and "gpa_target" not in targets:
-        raise ValueError(f"--mam needs the mask source's 'gpa_target' (GPA values, METHODS 3.5): use "
-                         f"--masks inloop:gpa or a server with --strategy gpa; --masks {cfg.masks!r} "
-                         f"gave {sorted(masks.extras) or 'no extras'}")
+        if not masks.fallback:
+            raise ValueError(f"--mam needs the mask source's 'gpa_target' (GPA values, METHODS 3.5): use "
+                             f"--masks inloop:gpa or a server with --strategy gpa; --masks {cfg.masks!r} "
+                             f"gave {sorted(masks.extras) or 'no extras'}")
+        # the server missed this batch and random masks stand in: no GPA target, no MAM term
+        targets["gpa_target"], skip = torch.zeros(masks.mask.shape), ("mam",)
     with _autocast(run.model):
         if cfg.contrastive or (cfg.lut and not {"lut_t1", "lut_t2"} <= targets.keys()):
             targets = {**ema_targets(run.ema, batch.images, batch.view2), **targets}
         return run.ddp(batch.images, masks.mask, view2=batch.view2, mask2=mask2, targets=targets,
-                       want_per_image="heads" in masks.extras)
+                       want_per_image="heads" in masks.extras, skip=skip)
 
 
 def plb_feedback(run: Run, batch, masks, per_image: torch.Tensor) -> None:
