@@ -251,3 +251,14 @@ def test_lut_with_a_momentum_server_that_sends_targets(sample_ds, tmp_path):
     assert len(got) == 4 and all(math.isfinite(r["loss_lut"]) for r in got)
     text = log.read_text()
     assert "teacher now at weights" in text and "rejected" not in text, text[-2000:]
+
+
+def test_tensorboard_gets_the_logged_numbers(sample_ds, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(cfg(sample_ds, tmp_path, max_steps=2, tensorboard=True))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    logged = rows(tmp_path)
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == \
+        [(r["it"], pytest.approx(r["loss"])) for r in logged]
+    assert {"loss_mae", "lr", "data_wait", "mask_wait", "fallback"} <= set(acc.Tags()["scalars"])

@@ -11,7 +11,6 @@ deterministic.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from train.losses import LOSSES, per_head_loss_stats
 from train.masks import InloopMasks, RandomMasks, ServerMasks
 from train.model import create_model, model_config
 from train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
+from train.metrics import MetricsLog
 from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
 log = logging.getLogger("mimpipe.train")
@@ -63,6 +63,7 @@ class TrainConfig:
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
     log_every: int = 1
+    tensorboard: bool = False        # also RUN/tb (rank 0)
     # the plan (pipeline/plan.py add_plan_arguments): must match the mask server's
     img_size: int | None = None
     interpolation: str = "bicubic"
@@ -206,8 +207,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     total = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
     stop = _stop_on_sigterm()
     run.masks.sync(run.it, run.model, run.ema)
-    # every rank logs (rank 0 to metrics.jsonl): per-rank data and mask waits are what profiling needs
-    metrics = open(out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl"), "a")
+    # every rank logs: per-rank data and mask waits are what profiling needs
+    metrics = MetricsLog(out, rank, cfg.tensorboard)
     first_loss = last_loss = None
     bar = tqdm(total=total, initial=run.it, unit="it", disable=rank != 0 or not sys.stderr.isatty())
     while run.it < total and not stop["now"]:
@@ -241,15 +242,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             bar.set_postfix(epoch=epoch, loss=f"{loss_v:.4f}", mask_wait=f"{masks.wait_s * 1e3:.0f}ms",
                             refresh=False)
             if run.it % cfg.log_every == 0 or run.it == total:
-                metrics.write(json.dumps({
+                metrics.write({
                     "it": run.it, "epoch": epoch, "step": batch.step, "loss": loss_v,
                     **{f"loss_{k}": v.item() for k, v in parts.items()},
                     "lr": run.opt.param_groups[0]["lr"], "data_wait": data_wait, "mask_wait": masks.wait_s,
                     "compute": time.perf_counter() - t0, "teacher_version": masks.teacher_version,
                     "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
                     "fallback": masks.fallback, "images": len(batch.sample_ids),
-                    "valid": int(batch.valid.sum())}) + "\n")
-                metrics.flush()
+                    "valid": int(batch.valid.sum())})
             if boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0:
                 run.save()
             if run.it >= total or (stop["now"] and boundary):
@@ -370,6 +370,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
+    p.add_argument("--tensorboard", action="store_true", help="also write rank 0's metrics to OUT/tb")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
     p.add_argument("--credits", type=int, default=d.credits, help="batches the server may send ahead")
