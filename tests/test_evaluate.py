@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.manifest import load_manifest
-from train.evaluate import evaluate, knn_accuracy, linear_probe_accuracy, load_encoder, split
+from train.evaluate import evaluate, knn_accuracy, linear_probe_accuracy, load_encoder, split, standardize
 
 
 def test_knn_and_probe_on_separable_features():
@@ -24,6 +24,25 @@ def test_knn_votes_by_weighted_neighbours():
     train_y = torch.tensor([0, 0, 1])
     test_x = torch.tensor([[0.1, 1.0], [1.0, 0.05]])
     assert knn_accuracy(train_x, train_y, test_x, torch.tensor([1, 0]), k=1) == 1.0
+
+
+def test_standardize_uses_the_train_rows_only():
+    x = torch.tensor([[1.0, 10.0], [3.0, 30.0], [100.0, -5.0]])
+    z = standardize(x, torch.tensor([True, True, False]))
+    assert torch.allclose(z[:2], torch.tensor([[-1.0, -1.0], [1.0, 1.0]]) / 2 ** 0.5, atol=1e-5)
+    assert torch.allclose(z[2], (x[2] - torch.tensor([2.0, 20.0])) / torch.tensor([2 ** 0.5, 200 ** 0.5]), atol=1e-4)
+
+
+def test_a_dominant_nuisance_dimension_no_longer_decides_knn():
+    """Class in small dims, large class-free ones beside: raw cosine k-NN follows the nuisance,
+    standardized features find the classes (what MAE's BatchNorm-before-probe is for)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 4
+    x = torch.cat([torch.nn.functional.one_hot(y, 4) + 0.3 * torch.randn(400, 4, generator=g),
+                   5 * torch.randn(400, 8, generator=g)], dim=1)
+    tr, te = split(400, 5)
+    z = standardize(x, tr)
+    assert knn_accuracy(x[tr], y[tr], x[te], y[te]) < 0.5 < 0.9 < knn_accuracy(z[tr], y[tr], z[te], y[te])
 
 
 def test_evaluate_a_real_encoder(sample_ds):

@@ -7,13 +7,17 @@ import math
 import pytest
 import torch
 
+from tests.conftest import build_sample
 from train.model import create_model
 from train.optim import Schedule, ema_momentum, lr_at, param_groups
 from train.trainer import TrainConfig, train
 
 
+MICRO = "mae_vit_micro_patch8_64"
+
+
 def cfg(sample_ds, out, **kw):
-    base = dict(shards=str(sample_ds), out=str(out), model="mae_vit_micro_patch8_64", batch_size=16,
+    base = dict(shards=str(sample_ds), out=str(out), model=MICRO, batch_size=16,
                 epochs=2, blr=1e-3, warmup_epochs=0.5, threads=1)
     return TrainConfig(**{**base, **kw})
 
@@ -55,10 +59,20 @@ def test_inloop_teacher_follows_the_student(sample_ds, tmp_path):
     assert all(r["staleness"] == 0 and r["mask_wait"] > 0 for r in rows)
 
 
-def test_training_lowers_the_loss(sample_ds, tmp_path):
-    r = train(cfg(sample_ds, tmp_path / "l", model="mae_vit_tiny_patch8_64", epochs=4, max_steps=24,
-                  warmup_epochs=0.2))
-    assert r["last_loss"] < 0.8 * r["first_loss"], r
+def test_training_lowers_the_loss_and_lifts_knn_above_a_random_encoder(tmp_path_factory):
+    """The demo's claim at unit-test size: the default sample dataset (2000 images, 96 px), a micro
+    ViT, 16 epochs of plain MAE. Measured: loss 1.33 -> 0.56, k-NN 0.127 -> 0.228 (chance 0.10,
+    400 test images: a standard error of about 0.02)."""
+    from pipeline.manifest import load_manifest
+    from train.evaluate import evaluate, load_encoder
+    ds = build_sample(tmp_path_factory.mktemp("sample2000"), n=2000, size=96, per_shard=250)
+    out = tmp_path_factory.mktemp("run")
+    r = train(cfg(ds, out, batch_size=64, epochs=16, blr=8e-3, warmup_epochs=1, threads=2))
+    assert r["it"] == 16 * 32 and r["last_loss"] < 0.8 * r["first_loss"], r
+    m = load_manifest(ds)
+    fresh = evaluate(load_encoder(MICRO, None), m)
+    trained = evaluate(load_encoder(MICRO, str(out / "checkpoint.pt")), m)
+    assert trained["knn"] > fresh["knn"] + 0.05, (trained, fresh)
 
 
 def test_schedules_and_param_groups():

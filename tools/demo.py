@@ -21,8 +21,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--model", default="mae_vit_tiny_patch8_64")
     p.add_argument("--strategy", default="sbam")
-    p.add_argument("--steps", type=int, default=240)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--blr", type=float, default=4e-3, help="lr = blr * batch / 256: 1e-3 at batch 64")
     p.add_argument("--port", type=int, default=5555)
 
 
@@ -41,8 +42,8 @@ def run(args) -> dict:
     try:
         t0 = time.perf_counter()
         subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--model", args.model,
-                           "--masks", endpoint, "--strategy", args.strategy, "--max-steps", args.steps,
-                           "--epochs", 10, "--blr", 1.5e-3, "--warmup-epochs", 0.5, "--threads", 1,
+                           "--masks", endpoint, "--strategy", args.strategy, "--epochs", args.epochs,
+                           "--blr", args.blr, "--warmup-epochs", 1, "--threads", 1,
                            "--mask-policy", "random", *plan), check=True, **pinned(0))
         wall = time.perf_counter() - t0
     finally:

@@ -3,6 +3,9 @@
 Features are the encoder's mean-pooled, final-normed patch tokens on the eval crop (central 87.5%,
 no masking): what MAE's linear probing reads. The labeled samples are split deterministically
 (every `--holdout`-th sample id is a test sample), so strategies are compared on equal terms.
+Both scores read the features standardized with the train split's statistics, as the
+parameter-free BatchNorm in front of MAE's linear probe does: MAE features have a few dimensions
+of large variance (colour, brightness) that otherwise decide every cosine similarity.
 k-NN follows DINO's weighted vote (cosine similarity, k=20, temperature 0.07).
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from train.model import create_model, load_encoder_state, model_config
 @torch.no_grad()
 def features(encoder, manifest, img_size: int, *, batch_size: int = 128, decoder: str = "dali",
              threads: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (features [N, D] l2-normalized, labels [N]) for every sample of the manifest, by id."""
+    """-> (features [N, D], labels [N]) for every sample of the manifest, by id."""
     cfg = PlanConfig(seed=0, batch_size=batch_size, img_size=img_size, views=(ViewConfig(crop="center", flip=0.0),))
     loader = Loader(manifest, cfg, decoder=decoder, threads=threads)
     encoder.eval()
@@ -33,7 +36,7 @@ def features(encoder, manifest, img_size: int, *, batch_size: int = 128, decoder
             feats[b.sample_ids[b.valid]] = z[b.valid]
     finally:
         loader.close()
-    return F.normalize(feats, dim=1), torch.from_numpy(manifest.table["label"].astype(np.int64))
+    return feats, torch.from_numpy(manifest.table["label"].astype(np.int64))
 
 
 def split(n: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +44,14 @@ def split(n: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ~test, test
 
 
+def standardize(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per dimension, with the statistics of the rows `train`."""
+    return (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+
+
 def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 20, t: float = 0.07) -> float:
     """DINO's weighted k-NN: each of the k nearest (cosine) votes exp(sim / t) for its class."""
+    train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
     classes = int(max(train_y.max(), test_y.max())) + 1
     sim, idx = (test_x @ train_x.T).topk(min(k, len(train_x)), dim=1)
     votes = torch.zeros(len(test_x), classes).scatter_add_(1, train_y[idx], (sim / t).exp())
@@ -51,19 +60,18 @@ def knn_accuracy(train_x, train_y, test_x, test_y, *, k: int = 20, t: float = 0.
 
 def linear_probe_accuracy(train_x, train_y, test_x, test_y, *, epochs: int = 100, lr: float = 0.1,
                           seed: int = 0) -> float:
-    """Logistic regression on frozen features (full batch, SGD with momentum)."""
+    """Logistic regression on frozen (standardized) features, full batch, SGD with momentum."""
     g = torch.Generator().manual_seed(seed)
     classes = int(max(train_y.max(), test_y.max())) + 1
     w = (torch.randn(train_x.shape[1], classes, generator=g) * 0.01).requires_grad_()
     b = torch.zeros(classes, requires_grad=True)
     opt = torch.optim.SGD([w, b], lr=lr, momentum=0.9)
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6   # standardize: features are tiny after l2 norm
     for _ in range(epochs):
         opt.zero_grad()
-        F.cross_entropy((train_x - mu) / sd @ w + b, train_y).backward()
+        F.cross_entropy(train_x @ w + b, train_y).backward()
         opt.step()
     with torch.no_grad():
-        return float((((test_x - mu) / sd @ w + b).argmax(1) == test_y).float().mean())
+        return float(((test_x @ w + b).argmax(1) == test_y).float().mean())
 
 
 def evaluate(encoder, manifest, *, holdout: int = 5, decoder: str = "dali", threads: int = 2) -> dict:
@@ -73,6 +81,7 @@ def evaluate(encoder, manifest, *, holdout: int = 5, decoder: str = "dali", thre
         raise ValueError(f"{manifest.root}: no labeled samples to evaluate on")
     tr, te = split(len(y), holdout)
     tr, te = tr & keep, te & keep
+    x = standardize(x, tr)
     return {"knn": knn_accuracy(x[tr], y[tr], x[te], y[te]),
             "linear": linear_probe_accuracy(x[tr], y[tr], x[te], y[te]),
             "train": int(tr.sum()), "test": int(te.sum())}
