@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from train.losses import (
     LOSSES, contrastive_loss, cosine_distance, heterogeneity, info_nce, l_e, l_r, l_spa, loss_term,
-    lut_loss, lut_momentum, mae_loss, mam_loss, mto_loss, per_head_loss_stats, per_image_loss, pooled,
+    lut_loss, lut_momentum, mae_loss, mam_loss, mto_loss, patch_loss, per_head_loss_stats, per_image_loss,
+    pooled,
 )
 from train.mam import MAMHead
 from train.model import create_model, model_config, patchify
@@ -49,17 +50,17 @@ def mae_case():
 
 def test_mae_loss_norm_pix_by_hand(mae_case):
     pred, target, mask, (l00, l10, l11) = mae_case
-    close(mae_loss(pred, target, mask), (l00 + l10 + l11) / 3, what="global mean over masked")
-    close(mae_loss(pred, target, mask.bool()), (l00 + l10 + l11) / 3, what="bool mask")
+    close(mae_loss(patch_loss(pred, target), mask), (l00 + l10 + l11) / 3, what="global mean over masked")
+    close(mae_loss(patch_loss(pred, target), mask.bool()), (l00 + l10 + l11) / 3, what="bool mask")
     raw = (14 / 3 + 3 + 9) / 3  # no norm_pix: mean(1,4,9), mean(0,0,9), mean(9,9,9)
-    close(mae_loss(pred, target, mask, norm_pix=False), raw, what="norm_pix=False")
+    close(mae_loss(patch_loss(pred, target, norm_pix=False), mask), raw, what="norm_pix=False")
 
 
 def test_per_image_is_not_the_global_mean(mae_case):
     pred, target, mask, (l00, l10, l11) = mae_case
-    per = per_image_loss(pred, target, mask)
+    per = per_image_loss(patch_loss(pred, target), mask)
     close(per, [l00, (l10 + l11) / 2], what="per-image means")
-    assert abs(per.mean().item() - mae_loss(pred, target, mask).item()) > 1e-3  # unequal counts
+    assert abs(per.mean().item() - mae_loss(patch_loss(pred, target), mask).item()) > 1e-3  # unequal counts
     assert not per.requires_grad  # PLB feedback only
 
 
@@ -69,12 +70,12 @@ def test_mae_loss_matches_model_forward_loss():
     g = torch.Generator().manual_seed(1)
     imgs = torch.randn(2, 3, 64, 64, generator=g)
     loss, pred, mask = model(imgs, generator=g)
-    close(mae_loss(pred, patchify(imgs, 8), mask), loss, atol=1e-6, what="vs MaskedAutoencoderViT")
+    close(mae_loss(patch_loss(pred, patchify(imgs, 8)), mask), loss, atol=1e-6, what="vs MaskedAutoencoderViT")
 
 
 def test_mae_loss_gradient_reaches_only_masked_predictions(mae_case):
     pred, target, mask, _ = mae_case
-    mae_loss(pred, target, mask).backward()
+    mae_loss(patch_loss(pred, target), mask).backward()
     assert (pred.grad[0, 1] == 0).all() and (pred.grad[0, 0] != 0).any() and (pred.grad[1] != 0).any()
 
 

@@ -30,23 +30,18 @@ def patch_loss(pred: Tensor, target_patches: Tensor, norm_pix: bool = True) -> T
     return ((pred - target_patches) ** 2).mean(dim=-1)
 
 
-def mae_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
-    """-> scalar: ONE mean over all masked patches of the batch, not a mean of per-image means (MAE).
-
-    pred, target_patches: [N, L, p*p*3]; mask: [N, L], 1 = masked.
-    """
-    mask = mask.to(pred.dtype)
-    return (patch_loss(pred, target_patches, norm_pix) * mask).sum() / mask.sum()
+def mae_loss(per_patch: Tensor, mask: Tensor) -> Tensor:
+    """per_patch [N, L] (patch_loss), mask [N, L] 1 = masked -> scalar: ONE mean over all masked
+    patches of the batch, not a mean of per-image means (MAE)."""
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum()
 
 
-def per_image_loss(pred: Tensor, target_patches: Tensor, mask: Tensor, norm_pix: bool = True) -> Tensor:
-    """-> [N]: each image's mean loss over its own masked patches (PLB's l_i, METHODS 5.3).
-
-    Detached: it is feedback for head sampling, never a gradient path. Same shapes as `mae_loss`.
-    """
-    mask = mask.to(pred.dtype)
-    per_patch = patch_loss(pred.detach(), target_patches, norm_pix)
-    return (per_patch * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+def per_image_loss(per_patch: Tensor, mask: Tensor) -> Tensor:
+    """-> [N]: each image's mean over its own masked patches (PLB's l_i, METHODS 5.3), from the same
+    per-patch errors as `mae_loss`. Detached: feedback for head sampling, never a gradient path."""
+    mask = mask.to(per_patch.dtype)
+    return (per_patch.detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
 def per_head_loss_stats(per_image: Tensor, heads: Tensor, M: int, valid: Tensor | None = None):

@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from train.losses import mae_loss, patch_loss
 from train.pos_embed import get_2d_sincos_pos_embed
 
 
@@ -305,13 +306,7 @@ class MaskedAutoencoderViT(nn.Module):
         Per-patch MSE against (optionally per-patch normalized) pixels, then ONE mean over all masked
         patches of the batch, not a mean of per-image means (MAE).
         """
-        target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)  # unbiased (N - 1), as MAE
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)  # [N, L], mean loss per patch
-        return (loss * mask).sum() / mask.sum()  # mean loss on removed patches
+        return mae_loss(patch_loss(pred, patchify(imgs, self.patch_size), self.norm_pix_loss), mask)
 
     def forward(self, imgs, *, mask=None, mask_ratio=0.75, generator=None, pad_to=None):
         """imgs [N, C, H, W] -> (loss, pred [N, L, p*p*C], mask [N, L] float 1 = masked).

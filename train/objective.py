@@ -20,7 +20,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from train.heads import mlp_head
-from train.losses import contrastive_loss, lut_loss, mam_loss, mto_loss, per_image_loss, pooled
+from train.losses import (contrastive_loss, lut_loss, mae_loss, mam_loss, mto_loss, patch_loss, per_image_loss,
+                          pooled)
 from train.mam import MAMHead
 from train.model import MaskedAutoencoderViT, patchify
 
@@ -106,7 +107,9 @@ def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, m
         pred, hidden = model.forward_decoder(latent, ids_restore, mask, return_hidden=True)
     else:
         pred = model.forward_decoder(latent, ids_restore, mask)
-    parts = {"mae": model.forward_loss(images, pred, mask)}   # MAE's own path: parity with `model(...)`
+    # one per-patch error for the MAE loss and PLB's per-image feedback: the path of model.forward_loss
+    per_patch = patch_loss(pred, patchify(images, model.patch_size), model.norm_pix_loss)
+    parts = {"mae": mae_loss(per_patch, mask)}
     if w["lut"]:
         z2, _, _ = model.forward_encoder(view2, mask=mask2)
         # each view through the heads on its own: BN batch statistics per view
@@ -128,7 +131,4 @@ def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, m
         if w[k]:
             total = total + (0.0 if k in skip else w[k]) * parts[k]
     parts = {k: v for k, v in parts.items() if k not in skip}
-    per_image = None
-    if want_per_image:
-        per_image = per_image_loss(pred, patchify(images, model.patch_size), mask, model.norm_pix_loss)
-    return total, parts, per_image
+    return total, parts, per_image_loss(per_patch, mask) if want_per_image else None
