@@ -19,6 +19,8 @@ def test_profile_reports_every_stage(sample_ds, tmp_path):
     for key in ("overlap_efficiency", "speedup_over_inloop", "mask_wait_share"):
         assert saved[key] == r[key] and saved[key] >= 0
     s = saved["strategies"]["sbam"]
+    # one round: each ratio is its only pair's
+    assert s["overlap_runs"] == [s["overlap_efficiency"]] and saved["repeats"] == 1
     assert s["overlap_efficiency"] == s["served_img_s"] / saved["random"]["img_s"]
     assert s["speedup_over_inloop"] == s["served_img_s"] / s["inloop_img_s"]
     assert len(s["staleness"]) == 10 and s["queue"]

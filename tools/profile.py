@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import time
+from statistics import median
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=80, help="trainer iterations per run")
     p.add_argument("--warmup", type=int, default=10, help="first iterations left out of images/s")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of (random, served, in-loop) per strategy; ratios are medians over rounds")
     p.add_argument("--port", type=int, default=5566)
     p.add_argument("--sync-every", type=int, default=10,
                    help="trainer -> teacher weight sync interval (a momentum teacher's whole encoder "
@@ -145,24 +148,35 @@ def run(args) -> dict:
     plan_cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=mc.img_size)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     images = torch.randn(args.batch_size, 3, mc.img_size, mc.img_size)
-    res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps}
+    res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats}
     with on_core(0):
         res["loader"] = {f"{d}_img_s": loader_img_s(m, plan_cfg, d, threads=1, batches=20) for d in ("dali", "pil")}
     with on_core(1):
         res["teacher_img_s"] = {s: teacher_img_s(args.model, s, images) for s in strategies}
-    res["random"] = train_run(args, args.out / "random", "random")
+    # each served and in-loop run is paired with a random-mask run just before it, and each ratio is
+    # taken within its pair: this machine drifts by +-10% over minutes, more than the effects measured
+    runs = {s: [] for s in strategies}
+    for _ in range(args.repeats):
+        for s in strategies:
+            runs[s].append({"random": train_run(args, args.out / "random", "random"),
+                            "served": served_run(args, args.out / f"served-{s}", s),
+                            "inloop": train_run(args, args.out / f"inloop-{s}", f"inloop:{s}", s)})
+    base = [r["random"] for rs in runs.values() for r in rs]
+    res["random"] = {k: median([b[k] for b in base]) for k in ("img_s", "data_wait_share", "mask_wait_share")}
     res["strategies"] = {}
-    for s in strategies:
-        served = served_run(args, args.out / f"served-{s}", s)
-        inloop = train_run(args, args.out / f"inloop-{s}", f"inloop:{s}", s)
-        teacher_s = inloop["mask_s"]
-        student_s = inloop["step_s"] - teacher_s
+    for s, rs in runs.items():
+        served = rs[-1]["served"]
         res["strategies"][s] = {
-            "served_img_s": served["img_s"], "inloop_img_s": inloop["img_s"],
-            "overlap_efficiency": served["img_s"] / res["random"]["img_s"],
-            "speedup_over_inloop": served["img_s"] / inloop["img_s"],
-            "ideal_speedup": 1 + teacher_s / student_s,
-            "mask_wait_share": served["mask_wait_share"], "data_wait_share": served["data_wait_share"],
+            "served_img_s": median([r["served"]["img_s"] for r in rs]),
+            "inloop_img_s": median([r["inloop"]["img_s"] for r in rs]),
+            "overlap_efficiency": median([r["served"]["img_s"] / r["random"]["img_s"] for r in rs]),
+            "overlap_runs": [r["served"]["img_s"] / r["random"]["img_s"] for r in rs],
+            "speedup_over_inloop": median([r["served"]["img_s"] / r["inloop"]["img_s"] for r in rs]),
+            # 1 + teacher time / student step time, both from the in-loop run
+            "ideal_speedup": median([r["inloop"]["step_s"] / (r["inloop"]["step_s"] - r["inloop"]["mask_s"])
+                                     for r in rs]),
+            "mask_wait_share": median([r["served"]["mask_wait_share"] for r in rs]),
+            "data_wait_share": median([r["served"]["data_wait_share"] for r in rs]),
             "staleness": served["staleness"], "queue": served["queue"],
             # how many trainers one server can feed: predicted from MACs, measured from images/s
             "trainers_per_server_predicted": student_macs(mc) / teacher_macs(mc, s),
@@ -202,7 +216,8 @@ def plot(res: dict, path: Path) -> None:
 
 
 def table(r: dict) -> str:
-    rows = [f"profile: {r['model']}, batch {r['batch_size']}, {r['steps']} steps per run; trainer on core 0, "
+    rows = [f"profile: {r['model']}, batch {r['batch_size']}, {r['steps']} steps per run, {r['repeats']} round(s); "
+            f"trainer on core 0, "
             f"server on core 1, one thread each",
             f"  loader alone           DALI {r['loader']['dali_img_s']:8.0f} img/s   PIL {r['loader']['pil_img_s']:8.0f} img/s",
             f"  trainer, random masks  {r['random']['img_s']:8.1f} img/s (data wait {100 * r['random']['data_wait_share']:.1f}%)",
