@@ -78,11 +78,12 @@ def image_folder(tmp_path_factory):
 
 
 def build_sample(out: Path, n: int = 120, size: int = 64, per_shard: int = 30, seed: int = 0) -> Path:
-    from tools.sample import CLASSES, SampleItem
+    from tools.sample import CLASSES, GENERATOR, SampleItem
     from tools.shard import ShardConfig, shard_items
     items = [SampleItem(seed, i, size) for i in range(n)]
     shard_items(items, CLASSES, out, ShardConfig(name="sample", shard_bytes=None,
-                                                 samples_per_shard=per_shard, seed=seed), progress=False)
+                                                 samples_per_shard=per_shard, seed=seed), progress=False,
+                 source=f"{GENERATOR} --n {n} --size {size} --seed {seed}")
     return out
 
 

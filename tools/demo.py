@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from tools import sample
 from tools.procs import cli, pinned, start_server, stop
 
 
@@ -30,8 +31,7 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    if not (args.shards / "manifest.json").exists():
-        subprocess.run(cli("sample", args.shards, "--workers", 2), check=True)
+    sample.ensure(args.shards)
     for f in ("metrics.jsonl", "checkpoint.pt"):
         (out / f).unlink(missing_ok=True)
     endpoint = f"tcp://127.0.0.1:{args.port}"

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tools.bench_loader import loader_img_s
+from tools import sample
 from tools.procs import cli, pinned, start_server, stop
 
 
@@ -142,8 +143,7 @@ def run(args) -> dict:
     from pipeline.manifest import load_manifest
     from pipeline.plan import PlanConfig
     from train.model import model_config
-    if not (args.shards / "manifest.json").exists():
-        subprocess.run(cli("sample", args.shards, "--workers", 2), check=True)
+    sample.ensure(args.shards)
     m, mc = load_manifest(args.shards), model_config(args.model)
     plan_cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=mc.img_size)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]

@@ -9,7 +9,10 @@ be scored: any patch size that is a multiple of 4 pools it exactly. Everything i
 """
 from __future__ import annotations
 
+import argparse
 import io
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +25,8 @@ CLASSES = ("disk", "square", "triangle", "diamond", "cross", "ring", "star", "he
            "crescent", "bar")
 CELL = 4
 JPEG_QUALITY = 90
+# recorded as the manifest's source: bump when render() changes, so `ensure` rebuilds older sets
+GENERATOR = "mimpipe sample v2"
 
 
 def _polygon(u, v, n):
@@ -142,9 +147,28 @@ def main(args) -> int:
     cfg = ShardConfig(name="sample", shard_bytes=None, samples_per_shard=args.samples_per_shard,
                       workers=args.workers, seed=args.seed)
     report = shard_items(items, CLASSES, args.out, cfg, resume=args.resume,
-                         source=f"mimpipe sample --n {args.n} --size {args.size} --seed {args.seed}")
+                         source=f"{GENERATOR} --n {args.n} --size {args.size} --seed {args.seed}")
     print(summary(report, args.out))
     return 0
+
+
+def ensure(out: Path) -> None:
+    """The default sample set at `out` (what demo and profile run on): built if missing, rebuilt if
+    an older generator made it. Only a folder whose manifest says `mimpipe sample` wrote it is
+    replaced."""
+    manifest = out / "manifest.json"
+    if manifest.exists():
+        source = json.loads(manifest.read_text()).get("source", "")
+        if source.startswith(GENERATOR + " "):
+            return
+        if not source.startswith("mimpipe sample"):
+            raise SystemExit(f"{out}: holds a dataset made by {source!r}, not a sample set; "
+                             "pass another --shards")
+        print(f"{out}: made by an older generator ({source!r}), rebuilding")
+        shutil.rmtree(out)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    main(p.parse_args([str(out), "--workers", "2"]))
 
 
 def fg_patches(meta: dict, box, flip: bool, img_size: int, patch: int) -> np.ndarray:
