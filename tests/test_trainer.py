@@ -88,3 +88,29 @@ def test_schedules_and_param_groups():
     assert "cls_token" in d and "mask_token" in d and "blocks.0.attn.qkv.weight" in d
     assert "blocks.0.attn.qkv.bias" in nd and "norm.weight" in nd
     assert "pos_embed" not in nd | d   # frozen sin-cos
+
+
+def test_init_warm_starts_weights_with_a_fresh_optimizer_and_cursor(sample_ds, tmp_path):
+    """--init (SBAM's warm start): the weights of another run, nothing else of it."""
+    from train.trainer import Run
+    train(cfg(sample_ds, tmp_path / "a", max_steps=3))
+    warm = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    run = Run(cfg(sample_ds, tmp_path / "b", init=str(tmp_path / "a" / "checkpoint.pt"), lut=0.5,
+                  views="src,src+color", head_hidden=32), 0, 1)
+    try:
+        own = run.model.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in warm.items())        # encoder and decoder
+        assert {k for k in own if k not in warm} and all(k.startswith(("projector.", "predictor."))
+                                                         for k in own if k not in warm)   # new heads: fresh
+        ema = run.ema.state_dict()
+        assert all(torch.equal(ema[k], warm[k]) for k in ema if k in warm)   # the teacher starts there too
+        assert run.it == 0 and not run.opt.state
+    finally:
+        run.loader.close()
+
+
+def test_init_refuses_weights_of_another_model(sample_ds, tmp_path):
+    train(cfg(sample_ds, tmp_path / "a", max_steps=1))
+    with pytest.raises(ValueError, match=r"--init .*checkpoint.pt: .*shape mismatch.*patch_embed"):
+        train(cfg(sample_ds, tmp_path / "b", model="mae_vit_tiny_patch8_64",
+                  init=str(tmp_path / "a" / "checkpoint.pt")))

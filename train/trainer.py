@@ -32,7 +32,7 @@ from maskserver.client import batch_generator
 from maskserver.strategies import plb_update
 from train.losses import LOSSES, per_head_loss_stats
 from train.masks import InloopMasks, RandomMasks, ServerMasks
-from train.model import create_model, model_config
+from train.model import MaskedAutoencoderViT, create_model, load_encoder_state, model_config
 from train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
 from train.metrics import MetricsLog
 from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
@@ -59,6 +59,7 @@ class TrainConfig:
     ema_m0: float = 0.996
     sync_every: int = 1
     seed: int = 0
+    init: str | None = None          # warm start: weights only (see warm_start)
     decoder: str = "dali"
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
@@ -137,6 +138,8 @@ class Run:
             self.model = create_model(cfg.model)
             self.ema = create_model(cfg.model, encoder_only=True)
             attach_heads(self.model, self.ema, cfg.weights, cfg.head_hidden)
+        if cfg.init:
+            warm_start(self.model, cfg.init)
         # eval: the momentum projector's BN uses its (EMA'd) running statistics (METHODS 2.3)
         self.ema.requires_grad_(False).eval()
         self.ema.load_state_dict({k: v for k, v in self.model.state_dict().items()
@@ -189,6 +192,29 @@ class Run:
         self.opt.load_state_dict(state["optimizer"])
         self.it = int(state["it"])
         self.plb.update(state.get("plb") or {})
+
+
+def warm_start(model: MaskedAutoencoderViT, path: str) -> None:
+    """--init: the student starts from a file's weights, with a fresh optimizer, schedule and
+    cursor (SBAM's recipe starts from a checkpoint pre-trained with random masks, METHODS 7 #4).
+    The file is a `mimpipe train` checkpoint, an MAE release checkpoint or a timm ViT: every encoder
+    tensor must be there; decoder and loss heads are taken where the file has them, else stay fresh."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    sd = state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+    encoder = MaskedAutoencoderViT(model.cfg, encoder_only=True)
+    try:   # every encoder tensor, shapes checked; decoder and heads are the optional rest
+        load_encoder_state(encoder, {k: v for k, v in sd.items() if k in encoder.state_dict()})
+    except ValueError as e:
+        raise ValueError(f"--init {path}: {e}") from None
+    own, enc = model.state_dict(), encoder.state_dict()
+    rest = {k: v for k, v in sd.items() if k in own and k not in enc}
+    bad = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in rest.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"--init {path}: shape mismatch {bad}")
+    model.load_state_dict({**enc, **rest}, strict=False)
+    log.info("--init %s: encoder and %d of %d decoder/head tensors loaded, the rest fresh",
+             path, len(rest), len(own) - len(enc))
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
@@ -372,6 +398,8 @@ def add_arguments(p) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--tensorboard", action="store_true", help="also write rank 0's metrics to OUT/tb")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", metavar="PATH", help="start the student from these weights (mimpipe or MAE "
+                   "checkpoint, timm ViT) with a fresh optimizer and schedule; --resume wins over it")
     p.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
     p.add_argument("--credits", type=int, default=d.credits, help="batches the server may send ahead")
     p.add_argument("--mask-timeout", type=float, default=d.mask_timeout)
