@@ -19,13 +19,13 @@ import json
 import os
 import subprocess
 import time
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 import torch
 
-from tools.bench_loader import loader_img_s
 from tools import sample
+from tools.bench_loader import loader_img_s
 from tools.procs import cli, pinned, start_server, stop
 
 
@@ -217,8 +217,7 @@ def plot(res: dict, path: Path) -> None:
 
 def table(r: dict) -> str:
     rows = [f"profile: {r['model']}, batch {r['batch_size']}, {r['steps']} steps per run, {r['repeats']} round(s); "
-            f"trainer on core 0, "
-            f"server on core 1, one thread each",
+            f"trainer on core 0, server on core 1, one thread each",
             f"  loader alone           DALI {r['loader']['dali_img_s']:8.0f} img/s   PIL {r['loader']['pil_img_s']:8.0f} img/s",
             f"  trainer, random masks  {r['random']['img_s']:8.1f} img/s (data wait {100 * r['random']['data_wait_share']:.1f}%)",
             f"  {'strategy':<9}{'teacher':>10}{'served':>9}{'in-loop':>9}{'overlap':>9}{'speedup':>9}"

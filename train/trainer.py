@@ -32,9 +32,9 @@ from maskserver.client import batch_generator
 from maskserver.strategies import plb_update
 from train.losses import LOSSES, per_head_loss_stats
 from train.masks import InloopMasks, RandomMasks, ServerMasks
+from train.metrics import MetricsLog
 from train.model import MaskedAutoencoderViT, create_model, load_encoder_state, model_config
 from train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
-from train.metrics import MetricsLog
 from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
 log = logging.getLogger("mimpipe.train")
