@@ -12,7 +12,7 @@ def test_profile_reports_every_stage(sample_ds, tmp_path):
     p = argparse.ArgumentParser()
     profile.add_arguments(p)
     args = p.parse_args(["--shards", str(sample_ds), "--out", str(tmp_path), "--model", "mae_vit_micro_patch8_64",
-                         "--strategies", "sbam", "--steps", "12", "--warmup", "2", "--batch-size", "8",
+                         "--strategies", "sbam", "--steps", "40", "--warmup", "2", "--batch-size", "8",
                          "--port", str(__import__("tests.maskserver_helpers", fromlist=["x"]).free_port())])
     r = profile.run(args)
     saved = json.loads((tmp_path / "profile.json").read_text())
@@ -23,7 +23,9 @@ def test_profile_reports_every_stage(sample_ds, tmp_path):
     assert s["overlap_runs"] == [s["overlap_efficiency"]] and saved["repeats"] == 1
     assert s["overlap_efficiency"] == s["served_img_s"] / saved["random"]["img_s"]
     assert s["speedup_over_inloop"] == s["served_img_s"] / s["inloop_img_s"]
-    assert len(s["staleness"]) == 10 and s["queue"]
+    assert len(s["staleness"]) == 38 and s["queue"]
+    for threads in (s["trainer_threads"], saved["random"]["threads"]):   # shares of the trainer's core
+        assert "main" in threads and abs(sum(threads.values()) - 1) < 1e-9
     assert min(saved["loader"].values()) > 0 and saved["teacher_img_s"]["sbam"] > 0
     assert (tmp_path / "profile.png").stat().st_size > 10_000
     assert "overlap" in profile.table(saved)

@@ -105,22 +105,60 @@ def teacher_img_s(model: str, strategy: str, images, batches: int = 10) -> float
     return batches * len(images) / (time.perf_counter() - t0)
 
 
+def thread_ticks(pid: int) -> dict[str, int]:
+    """CPU ticks so far per thread group of a process (Linux /proc): the main thread (the training
+    step), DALI's workers, ZeroMQ's I/O thread, and the other Python threads (loader producer,
+    mask client). {} where /proc is not there."""
+    groups: dict[str, int] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return groups
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read()
+        except OSError:   # the thread ended between listing and reading
+            continue
+        group = ("main" if int(tid) == pid else "dali" if "DALI" in name else
+                 "zmq" if name.startswith("ZMQ") else "other python")
+        groups[group] = groups.get(group, 0) + int(fields[11]) + int(fields[12])   # utime + stime
+    return groups
+
+
 def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
-    """One trainer process on core 0; images/s and wait shares from its steady-state steps."""
+    """One trainer process on core 0; images/s and wait shares from its steady-state steps, and
+    which of its threads used the core over those steps."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--model", args.model, "--masks", masks,
-                       "--strategy", strategy, "--max-steps", args.steps, "--epochs", 100,
-                       "--batch-size", args.batch_size, "--threads", 1, "--mask-policy", "wait",
-                       "--sync-every", args.sync_every),
-                   check=True, capture_output=True, **pinned(0))
-    rows = [json.loads(x) for x in open(out / "metrics.jsonl")][args.warmup:]
+    metrics, log = out / "metrics.jsonl", out / "train.log"
+    metrics.unlink(missing_ok=True)
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cli("train", "--shards", args.shards, "--out", out, "--model", args.model,
+                                    "--masks", masks, "--strategy", strategy, "--max-steps", args.steps,
+                                    "--epochs", 100, "--batch-size", args.batch_size, "--threads", 1,
+                                    "--mask-policy", "wait", "--sync-every", args.sync_every),
+                                stdout=f, stderr=subprocess.STDOUT, **pinned(0))
+        start = end = None
+        while proc.poll() is None:   # snapshots from the end of warm-up to the last one alive
+            now = thread_ticks(proc.pid)
+            if start is None and metrics.exists() and sum(1 for _ in open(metrics)) >= args.warmup:
+                start = now
+            end = now if now else end
+            time.sleep(0.05)
+    if proc.returncode:
+        raise RuntimeError(f"mimpipe train --masks {masks} exited {proc.returncode}: "
+                           f"{log.read_text()[-2000:]}")
+    rows = [json.loads(x) for x in open(metrics)][args.warmup:]
     step = sum(r["data_wait"] + r["mask_wait"] + r["compute"] for r in rows)
+    used = {k: end[k] - start.get(k, 0) for k in end} if start and end else {}
     return {"img_s": sum(r["images"] for r in rows) / step,
             "mask_wait_share": sum(r["mask_wait"] for r in rows) / step,
             "data_wait_share": sum(r["data_wait"] for r in rows) / step,
             "staleness": [r["staleness"] for r in rows],
-            "step_s": step / len(rows), "mask_s": sum(r["mask_wait"] for r in rows) / len(rows)}
+            "step_s": step / len(rows), "mask_s": sum(r["mask_wait"] for r in rows) / len(rows),
+            "threads": {k: v / max(sum(used.values()), 1) for k, v in used.items()}}
 
 
 def served_run(args, out: Path, strategy: str) -> dict:
@@ -163,6 +201,7 @@ def run(args) -> dict:
                             "inloop": train_run(args, args.out / f"inloop-{s}", f"inloop:{s}", s)})
     base = [r["random"] for rs in runs.values() for r in rs]
     res["random"] = {k: median([b[k] for b in base]) for k in ("img_s", "data_wait_share", "mask_wait_share")}
+    res["random"]["threads"] = base[-1]["threads"]
     res["strategies"] = {}
     for s, rs in runs.items():
         served = rs[-1]["served"]
@@ -178,6 +217,7 @@ def run(args) -> dict:
             "mask_wait_share": median([r["served"]["mask_wait_share"] for r in rs]),
             "data_wait_share": median([r["served"]["data_wait_share"] for r in rs]),
             "staleness": served["staleness"], "queue": served["queue"],
+            "trainer_threads": served["threads"],   # CPU shares on the trainer's core, last round
             # how many trainers one server can feed: predicted from MACs, measured from images/s
             "trainers_per_server_predicted": student_macs(mc) / teacher_macs(mc, s),
             "trainers_per_server_measured": res["teacher_img_s"][s] / res["random"]["img_s"]}
@@ -228,8 +268,14 @@ def table(r: dict) -> str:
                     f"{x['overlap_efficiency']:>9.2f}{x['speedup_over_inloop']:>8.2f}x{x['ideal_speedup']:>6.2f}x"
                     f"{100 * x['mask_wait_share']:>10.1f}%{(sum(st) / max(len(st), 1)):>11.1f}"
                     f"{x['trainers_per_server_predicted']:>12.1f} / {x['trainers_per_server_measured']:<6.1f}")
-    return "\n".join(rows + ["  (images/s; overlap = served / random; ideal = 1 + teacher time / student step time;",
-                             "   feeds = trainers one server core keeps busy: MAC model / measured images/s)"])
+    rows += ["  (images/s; overlap = served / random; ideal = 1 + teacher time / student step time;",
+             "   feeds = trainers one server core keeps busy: MAC model / measured images/s)",
+             "  the trainer's core, CPU share by thread over the measured steps:"]
+    for name, threads in [("random", r["random"]["threads"])] + [
+            (f"served {s}", x["trainer_threads"]) for s, x in r["strategies"].items()]:
+        shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in sorted(threads.items(), key=lambda kv: -kv[1]))
+        rows.append(f"    {name:<12} {shares or 'n/a (no /proc)'}")
+    return "\n".join(rows)
 
 
 def main(args) -> int:
