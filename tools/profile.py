@@ -141,11 +141,15 @@ def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
                                     "--mask-policy", "wait", "--sync-every", args.sync_every),
                                 stdout=f, stderr=subprocess.STDOUT, **pinned(0))
         start = end = None
-        while proc.poll() is None:   # snapshots from the end of warm-up to the last one alive
+        while proc.poll() is None:
+            # the window: from the end of warm-up to the last step; not the teardown, whose
+            # ended threads take their ticks out of /proc
             now = thread_ticks(proc.pid)
-            if start is None and metrics.exists() and sum(1 for _ in open(metrics)) >= args.warmup:
+            done = sum(1 for _ in open(metrics)) if metrics.exists() else 0
+            if start is None and done >= args.warmup:
                 start = now
-            end = now if now else end
+            if start is not None and done < args.steps:
+                end = now
             time.sleep(0.05)
     if proc.returncode:
         raise RuntimeError(f"mimpipe train --masks {masks} exited {proc.returncode}: "
