@@ -31,8 +31,10 @@ def features(encoder, manifest, img_size: int, *, batch_size: int = 128, decoder
     encoder.eval()
     feats = torch.zeros(len(manifest), encoder.cfg.embed_dim)
     try:
+        device = next(encoder.parameters()).device   # the loader decodes onto the GPU where there is one
         for b in loader.epoch(0):
-            z = encoder.norm(encoder.forward_features_until(b.images, encoder.cfg.depth))[:, 1:].mean(1)
+            x = b.images.to(device, non_blocking=True)
+            z = encoder.norm(encoder.forward_features_until(x, encoder.cfg.depth))[:, 1:].mean(1).cpu()
             feats[b.sample_ids[b.valid]] = z[b.valid]
     finally:
         loader.close()

@@ -93,19 +93,23 @@ class TrainConfig:
 
 
 def setup_distributed() -> tuple[int, int]:
+    """(rank, world size); on a GPU machine also makes this rank's GPU (torchrun's LOCAL_RANK) the
+    current device, before NCCL starts, so the model, DALI and the teacher all land on it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
 def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_hash: str,
-               cursor: tuple[int, int]):
+               cursor: tuple[int, int], device: torch.device):
     if cfg.masks == "random":
         return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
     if cfg.masks.startswith("inloop:"):
         return InloopMasks(cfg.masks.split(":", 1)[1], cfg.model, ratio=cfg.mask_ratio, seed=cfg.seed,
-                           rank=rank, source=cfg.teacher_source, epochs=cfg.epochs)
+                           rank=rank, source=cfg.teacher_source, epochs=cfg.epochs, device=device)
     if cfg.masks.startswith(("tcp://", "ipc://")):
         # several servers each serve a contiguous block of ranks (their --ranks)
         endpoints = cfg.masks.split(",")
@@ -123,6 +127,10 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int):
         self.cfg, self.rank, self.world = cfg, rank, world
+        # the current GPU (setup_distributed chose it) or the CPU; the loader's DALI graph decodes
+        # onto the same device ('auto'), and masks and targets are moved there per step
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
         mc = model_config(cfg.model)
         self.manifest = load_manifest(cfg.shards)
         self.plan_cfg = plan_config_from_args(SimpleNamespace(**asdict(cfg), world_size=world), mc.img_size)
@@ -140,13 +148,16 @@ class Run:
             attach_heads(self.model, self.ema, cfg.weights, cfg.head_hidden)
         if cfg.init:
             warm_start(self.model, cfg.init)
+        self.model.to(self.device)
+        self.ema.to(self.device)
         # eval: the momentum projector's BN uses its (EMA'd) running statistics (METHODS 2.3)
         self.ema.requires_grad_(False).eval()
         self.ema.load_state_dict({k: v for k, v in self.model.state_dict().items()
                                   if k in self.ema.state_dict()})
         student = Student(self.model, cfg.weights, tau=cfg.contrastive_tau,
                           gather=_all_gather if world > 1 else None, rank=rank)
-        self.ddp = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        self.ddp = student if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # PLB (METHODS 5.3) for an in-loop idm source: p [M], last epoch's L^m, this epoch's sums
         M = mc.num_heads
         self.plb = {"p": None, "prev": None, "sum": torch.zeros(M, dtype=torch.float64),
@@ -167,7 +178,7 @@ class Run:
     def start_masks(self) -> None:
         cursor = divmod(self.it, self.loader.steps)
         self.masks = make_masks(self.cfg, self.rank, self.world, self.mc.num_patches,
-                                self.loader.plan.hash, cursor)
+                                self.loader.plan.hash, cursor, self.device)
         if isinstance(self.masks, InloopMasks) and self.plb["p"] is not None:
             self.masks.head_probs = self.plb["p"].float()   # as the server passes its float64 p
 
@@ -299,12 +310,15 @@ def compute_losses(run: Run, batch, masks):
     encoder + projector here (METHODS 2.3: the same computation); MAM's gpa_target only from the
     mask source (the GPA teacher is the mask strategy's).
     """
-    cfg = run.cfg
-    targets = {k: v.float() if v.is_floating_point() else v for k, v in masks.extras.items()}
+    cfg, dev = run.cfg, run.device
+    images = batch.images.to(dev, non_blocking=True)   # already there when DALI decoded on the GPU
+    view2 = None if batch.view2 is None else batch.view2.to(dev, non_blocking=True)
+    mask = masks.mask.to(dev)
+    targets = {k: (v.float() if v.is_floating_point() else v).to(dev) for k, v in masks.extras.items()}
     mask2 = None
     if cfg.lut:
-        g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank)
-        mask2 = second_view_mask(masks.mask, g)
+        g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank, dev)
+        mask2 = second_view_mask(mask, g)
     skip = ()
     if cfg.mam and "gpa_target" not in targets:
         if not masks.fallback:
@@ -312,18 +326,18 @@ def compute_losses(run: Run, batch, masks):
                              f"--masks inloop:gpa or a server with --strategy gpa; --masks {cfg.masks!r} "
                              f"gave {sorted(masks.extras) or 'no extras'}")
         # the server missed this batch and random masks stand in: no GPA target, no MAM term
-        targets["gpa_target"], skip = torch.zeros(masks.mask.shape), ("mam",)
+        targets["gpa_target"], skip = torch.zeros(mask.shape, device=dev), ("mam",)
     with _autocast(run.model):
         if cfg.contrastive or (cfg.lut and not {"lut_t1", "lut_t2"} <= targets.keys()):
-            targets = {**ema_targets(run.ema, batch.images, batch.view2), **targets}
-        return run.ddp(batch.images, masks.mask, view2=batch.view2, mask2=mask2, targets=targets,
+            targets = {**ema_targets(run.ema, images, view2), **targets}
+        return run.ddp(images, mask, view2=view2, mask2=mask2, targets=targets,
                        want_per_image="heads" in masks.extras, skip=skip)
 
 
 def plb_feedback(run: Run, batch, masks, per_image: torch.Tensor) -> None:
     """Per-head sums of the per-image losses (padding rows excluded): to the server, which updates
     p itself at its epoch end, or into this epoch's sums for an in-loop source."""
-    s, c = per_head_loss_stats(per_image.float(), masks.extras["heads"].long(), run.mc.num_heads,
+    s, c = per_head_loss_stats(per_image.float().cpu(), masks.extras["heads"].long(), run.mc.num_heads,
                                valid=torch.as_tensor(batch.valid))
     if isinstance(run.masks, ServerMasks):
         run.masks.client.send_feedback(batch.epoch, batch.step, s.numpy(), c.numpy())
