@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 import zmq
 
 from maskserver import protocol as P
@@ -154,9 +155,14 @@ def main(args: argparse.Namespace) -> int:
     teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device,
                       projector_hidden=4096 if args.lut else None)
     plan = Plan(manifest, plan_cfg, ranks[0] if ranks else 0)
+    # decode where the teacher runs: DALI's mixed decoder targets the current GPU
+    gpu = teacher.device.type == "cuda"
+    if gpu and teacher.device.index is not None:
+        torch.cuda.set_device(teacher.device.index)
 
     def make_loader(rank: int):
-        return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2)
+        return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2,
+                      device="gpu" if gpu else "cpu")
 
     server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size)
     stop = threading.Event()
