@@ -191,6 +191,18 @@ def test_l_r_sign_options():
         l_r(H, sign="up")
 
 
+def test_mto_entropies_stay_fp32_under_bf16_autocast():
+    """The trainer runs its losses under bf16 autocast on a GPU; the raw XX^T products (hundreds)
+    must not be rounded to bf16 there. CPU autocast rounds matmuls the same way."""
+    g = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(2, 17, 64, generator=g)
+    mask = torch.rand(2, 17, generator=g) < 0.75
+    ref = l_spa(x, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = l_spa(x, mask)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
 def test_mto_loss_combines_terms_and_reaches_every_layer():
     g = torch.Generator().manual_seed(0)
     hs = [torch.randn(2, 1 + 6, 4, generator=g, requires_grad=True) for _ in range(3)]

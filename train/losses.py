@@ -97,9 +97,11 @@ def lut_momentum(it: int, total_iters: int, m0: float = 0.996) -> float:
 
 def _row_entropy(x: Tensor, col_valid: Tensor) -> Tensor:
     """x [N, T, D], col_valid [N, T] bool -> [N, T]: entropy (nats) of softmax_row(x x^T) over valid
-    columns. Raw dot product, no 1/sqrt(D) (METHODS 7 #13); fp32 and log_softmax for stability."""
+    columns. Raw dot product, no 1/sqrt(D) (METHODS 7 #13); fp32 and log_softmax for stability:
+    autocast is off here, or it would run the matmul of these large raw products in bf16."""
     x = x.float()
-    logits = x @ x.transpose(1, 2)
+    with torch.autocast(x.device.type, enabled=False):
+        logits = x @ x.transpose(1, 2)
     # finite fill, not -inf: exp underflows to exactly 0 and 0 * fill = 0, so no NaN in grad
     logits = logits.masked_fill(~col_valid[:, None, :], -1e9)
     logp = logits.log_softmax(dim=-1)
