@@ -155,14 +155,15 @@ def main(args: argparse.Namespace) -> int:
     teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device,
                       projector_hidden=4096 if args.lut else None)
     plan = Plan(manifest, plan_cfg, ranks[0] if ranks else 0)
-    # decode where the teacher runs: DALI's mixed decoder targets the current GPU
+    # decode where the teacher runs (make_loader runs in a rank's worker thread, whose current
+    # CUDA device is 0 whatever the main thread set: name the GPU)
     gpu = teacher.device.type == "cuda"
-    if gpu and teacher.device.index is not None:
-        torch.cuda.set_device(teacher.device.index)
+    gpu_id = (teacher.device.index if teacher.device.index is not None else torch.cuda.current_device()) \
+        if gpu else None
 
     def make_loader(rank: int):
         return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2,
-                      device="gpu" if gpu else "cpu")
+                      device="gpu" if gpu else "cpu", device_id=gpu_id)
 
     server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size)
     stop = threading.Event()

@@ -321,7 +321,9 @@ class MaskServer:
             tstep = self.teacher.step if self.teacher.step is not None else -1
             strategy = get_strategy(self.cfg.strategy)
             if version < 0 and strategy.needs != "none":
-                mask = random_mask(n, self.num_patches, self.cfg.ratio, generator=g, device=g.device)
+                # no weights yet: random masks from CPU noise, the draws of the client's own fallback
+                cpu_g = batch_generator(self.seed, batch.epoch, batch.step, rank)
+                mask = random_mask(n, self.num_patches, self.cfg.ratio, generator=cpu_g)
                 out_mask, len_keep, extras = mask, (~mask).sum(1), {}
             else:
                 out = self.teacher.compute(batch.images, self.cfg.strategy, ratio=self.cfg.ratio, generator=g,

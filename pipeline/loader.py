@@ -44,7 +44,7 @@ class Batch:
 class Loader:
     def __init__(self, manifest, cfg: PlanConfig, rank: int = 0, *, decoder: str = "dali",
                  threads: int = 2, prefetch: int = 2, device: str = "auto",
-                 on_error: str = "raise"):
+                 device_id: int | None = None, on_error: str = "raise"):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error {on_error!r}: choose raise or skip")
         self.m, self.plan, self.on_error, self.prefetch = manifest, Plan(manifest, cfg, rank), on_error, prefetch
@@ -52,7 +52,7 @@ class Loader:
         color = [i for i, v in enumerate(cfg.views) if v.color]
         self.decoder = make_decoder(decoder, img_size=cfg.img_size, n_views=len(cfg.views),
                                     color_views=color, batch_size=cfg.batch_size, threads=threads,
-                                    interpolation=cfg.interpolation, device=device,
+                                    interpolation=cfg.interpolation, device=device, device_id=device_id,
                                     buffers=prefetch + 3)   # see the module docstring
         self.replaced = 0
         self._running: set = set()   # producers of unfinished epoch() iterators

@@ -90,7 +90,7 @@ def run(args) -> dict:
         get_strategy(n)   # fail on a typo before any work
     teacher = make_teacher(args)
     plan = PlanConfig(seed=args.seed, batch_size=64, img_size=cfg.img_size, views=(ViewConfig(crop="center"),))
-    loader = Loader(m, plan, decoder="dali")
+    loader = Loader(m, plan, decoder="dali", device="cpu")   # the teacher here runs on the CPU
     gen = torch.Generator().manual_seed(args.seed)
     hit, total, shown, few_shot = {n: 0.0 for n in names}, 0, None, None
     try:

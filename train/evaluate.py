@@ -118,7 +118,8 @@ def add_arguments(p) -> None:
 
 def main(args) -> int:
     model_config(args.model)   # fail on a bad name before loading anything
-    r = evaluate(load_encoder(args.model, args.checkpoint, args.part), load_manifest(args.shards),
+    encoder = load_encoder(args.model, args.checkpoint, args.part)
+    r = evaluate(encoder.to("cuda" if torch.cuda.is_available() else "cpu"), load_manifest(args.shards),
                  holdout=args.holdout, decoder=args.decoder)
     print(f"{args.checkpoint or 'random init'}: k-NN {r['knn']:.3f}, linear probe {r['linear']:.3f} "
           f"({r['train']} train / {r['test']} test samples of {Path(args.shards).name})")

@@ -134,7 +134,8 @@ class Run:
         mc = model_config(cfg.model)
         self.manifest = load_manifest(cfg.shards)
         self.plan_cfg = plan_config_from_args(SimpleNamespace(**asdict(cfg), world_size=world), mc.img_size)
-        self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads)
+        self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads,
+                             device="gpu" if self.device.type == "cuda" else "cpu", device_id=self.device.index)
         if (cfg.lut or cfg.contrastive) and len(self.plan_cfg.views) < 2:
             raise ValueError(f"--lut/--contrastive need two views per image, e.g. --views src,src+color "
                              f"(got --views {cfg.views!r})")
@@ -316,9 +317,9 @@ def compute_losses(run: Run, batch, masks):
     mask = masks.mask.to(dev)
     targets = {k: (v.float() if v.is_floating_point() else v).to(dev) for k, v in masks.extras.items()}
     mask2 = None
-    if cfg.lut:
-        g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank, dev)
-        mask2 = second_view_mask(mask, g)
+    if cfg.lut:   # CPU noise on every machine: the same draws as a CPU run's (CUDA's RNG differs)
+        g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank)
+        mask2 = second_view_mask(masks.mask.cpu(), g).to(dev)
     skip = ()
     if cfg.mam and "gpa_target" not in targets:
         if not masks.fallback:
@@ -352,9 +353,8 @@ def plb_epoch_end(run: Run) -> None:
     if not isinstance(run.masks, InloopMasks):
         return
     s, c = run.plb["sum"], run.plb["count"]
-    if run.world > 1:   # sync point, once per epoch
-        dist.all_reduce(s)
-        dist.all_reduce(c)
+    if run.world > 1:   # sync point, once per epoch; NCCL reduces only tensors on the rank's GPU
+        s, c = (_all_reduce(x.to(run.device)).cpu() for x in (s, c))
     if c.sum() > 0 or run.plb["prev"] is not None:
         M = len(s)
         p = run.plb["p"] if run.plb["p"] is not None else torch.full((M,), 1.0 / M, dtype=torch.float64)
@@ -369,6 +369,11 @@ def _autocast(model: torch.nn.Module):
     """bf16 autocast where the model lives on CUDA; a no-op on CPU (fp32, deterministic)."""
     device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
