@@ -18,9 +18,6 @@ Parameter names are timm's ViT names (train/model.py), plus 'projector.*' for th
 from __future__ import annotations
 
 import logging
-import pickle
-import re
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -28,7 +25,8 @@ from torch import Tensor
 
 from maskserver.strategies import Masked, MaskInputs, Strategy, get_strategy
 from train.heads import mlp_head
-from train.model import attention_probs, block_qkv, create_model, load_encoder_state, model_config
+from train.model import (attention_probs, block_qkv, create_model, load_encoder_state, model_config,
+                         read_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +93,6 @@ def state_prefixes(needs: str, block: int | None) -> tuple[str, ...]:
 def _shape(value) -> tuple | str:
     """A tensor's shape, or the type name of anything else a peer may send."""
     return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-
-
-def read_checkpoint(path: str) -> Mapping[str, Tensor]:
-    """A local checkpoint file as a state dict ({'model': sd} or sd). weights_only: tensors and plain
-    containers only, so a file can never run code on the server."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"frozen teacher checkpoint {path!r}: no such file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # e.g. a training run's argparse args
-        what = f"a pickled {found.group(1)}" if found else "objects other than tensors"
-        raise ValueError(f"{path}: holds {what}, which weights_only loading refuses; "
-                         f"re-save only {{'model': state_dict}}") from None
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
-    return sd
 
 
 class Teacher:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pipeline.loader import Loader
 from pipeline.manifest import load_manifest
 from pipeline.plan import PlanConfig, ViewConfig
-from train.model import create_model, load_encoder_state, model_config
+from train.model import create_model, load_encoder_weights, model_config, read_checkpoint
 
 
 @torch.no_grad()
@@ -97,13 +97,7 @@ def load_encoder(model: str, checkpoint: str | None, part: str = "model"):
         enc = create_model(model, encoder_only=True)
     if checkpoint is None:
         return enc
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and part in state and isinstance(state[part], dict):
-        state = state[part]
-    # a training checkpoint also holds the decoder and loss heads (projector, predictor, mam):
-    # only the encoder's names are evaluated; a missing encoder key is still an error
-    own = enc.state_dict()
-    load_encoder_state(enc, {k: v for k, v in state.items() if k in own})
+    load_encoder_weights(enc, read_checkpoint(checkpoint, part))
     return enc
 
 

@@ -10,8 +10,11 @@ forward_encoder, forward_decoder and forward_loss. mimpipe adds three things:
 Encoder parameters use timm's ViT names, so timm `vit_*` weights and MAE release weights both load.
 Mask convention everywhere: mask [N, L], 1/True = masked (MAE: 1 is remove), 0 = kept.
 """
+import pickle
+import re
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -352,6 +355,31 @@ IGNORED_PREFIXES = ("head.", "fc_norm.", "decoder_", "mask_token")
 class LoadReport:
     loaded: tuple
     ignored: tuple
+
+
+def read_checkpoint(path: str, part: str = "model") -> Mapping[str, torch.Tensor]:
+    """A weights file's state dict: `part` ('model' = student, 'ema' = teacher) of a mimpipe or MAE
+    checkpoint, else the file itself (a timm state dict). weights_only: tensors and plain
+    containers only, so a file can never run code here."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path!r}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # e.g. a training run's argparse args
+        what = f"a pickled {found.group(1)}" if found else "objects other than tensors"
+        raise ValueError(f"{path}: holds {what}, which weights_only loading refuses; "
+                         f"re-save only {{'model': state_dict}}") from None
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    return sd[part] if isinstance(sd.get(part), Mapping) else sd
+
+
+def load_encoder_weights(encoder: MaskedAutoencoderViT, state_dict: Mapping) -> LoadReport:
+    """load_encoder_state with only the encoder's own names: a training checkpoint also holds the
+    decoder and loss heads (projector, predictor, mam); a missing encoder key is still an error."""
+    own = encoder.state_dict()
+    return load_encoder_state(encoder, {k: v for k, v in state_dict.items() if k in own})
 
 
 def load_encoder_state(model: MaskedAutoencoderViT, state_dict: Mapping) -> LoadReport:

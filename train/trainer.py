@@ -33,7 +33,7 @@ from maskserver.strategies import plb_update
 from train.losses import LOSSES, per_head_loss_stats
 from train.masks import InloopMasks, RandomMasks, ServerMasks
 from train.metrics import MetricsLog
-from train.model import MaskedAutoencoderViT, create_model, load_encoder_state, model_config
+from train.model import MaskedAutoencoderViT, create_model, load_encoder_weights, model_config, read_checkpoint
 from train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
 from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
@@ -211,11 +211,10 @@ def warm_start(model: MaskedAutoencoderViT, path: str) -> None:
     cursor (SBAM's recipe starts from a checkpoint pre-trained with random masks, METHODS 7 #4).
     The file is a `mimpipe train` checkpoint, an MAE release checkpoint or a timm ViT: every encoder
     tensor must be there; decoder and loss heads are taken where the file has them, else stay fresh."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    sd = state["model"] if isinstance(state, dict) and isinstance(state.get("model"), dict) else state
+    sd = read_checkpoint(path)
     encoder = MaskedAutoencoderViT(model.cfg, encoder_only=True)
     try:   # every encoder tensor, shapes checked; decoder and heads are the optional rest
-        load_encoder_state(encoder, {k: v for k, v in sd.items() if k in encoder.state_dict()})
+        load_encoder_weights(encoder, sd)
     except ValueError as e:
         raise ValueError(f"--init {path}: {e}") from None
     own, enc = model.state_dict(), encoder.state_dict()
@@ -354,7 +353,10 @@ def plb_epoch_end(run: Run) -> None:
         return
     s, c = run.plb["sum"], run.plb["count"]
     if run.world > 1:   # sync point, once per epoch; NCCL reduces only tensors on the rank's GPU
-        s, c = (_all_reduce(x.to(run.device)).cpu() for x in (s, c))
+        s, c = s.to(run.device), c.to(run.device)
+        dist.all_reduce(s)
+        dist.all_reduce(c)
+        s, c = s.cpu(), c.cpu()
     if c.sum() > 0 or run.plb["prev"] is not None:
         M = len(s)
         p = run.plb["p"] if run.plb["p"] is not None else torch.full((M,), 1.0 / M, dtype=torch.float64)
@@ -369,11 +371,6 @@ def _autocast(model: torch.nn.Module):
     """bf16 autocast where the model lives on CUDA; a no-op on CPU (fp32, deterministic)."""
     device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-
-
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(x)
-    return x
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
