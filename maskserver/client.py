@@ -1,4 +1,4 @@
-"""MaskClient: a trainer rank's end of the mask stream (DEALER). DESIGN.md "Transport".
+"""MaskClient: a trainer rank's end of the mask stream (DEALER). docs/design.md "Transport".
 
     client = MaskClient("tcp://127.0.0.1:5555", rank=r, world_size=W, plan_hash=loader.plan.hash,
                         cursor=(epoch, step), num_patches=L, ratio=0.75, seed=cfg.seed)
@@ -27,9 +27,9 @@ import torch
 import zmq
 import zmq.auth  # load_certificate for CURVE
 
-from maskserver import protocol as P
-from maskserver.weights import weight_chunks
-from maskserver.strategies import random_mask, unpack_mask
+from mimpipe.maskserver import protocol as P
+from mimpipe.maskserver.weights import weight_chunks
+from mimpipe.maskserver.strategies import random_mask, unpack_mask
 
 log = logging.getLogger("mimpipe.maskclient")
 POLICIES = ("wait", "random", "fail")

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import zmq
 
-from maskserver import protocol as P
-from maskserver.server import MaskServer, ServerConfig
-from maskserver.strategies import STRATEGIES
-from pipeline.plan import add_plan_arguments, plan_config_from_args
+from mimpipe.maskserver import protocol as P
+from mimpipe.maskserver.server import MaskServer, ServerConfig
+from mimpipe.maskserver.strategies import STRATEGIES
+from mimpipe.pipeline.plan import add_plan_arguments, plan_config_from_args
 
 log = logging.getLogger("mimpipe.maskserver")
 
@@ -36,7 +36,7 @@ def make_socket(ctx: zmq.Context, bind: str, curve_dir: str | None):
     sock.setsockopt(zmq.SNDHWM, 1000)
     if curve_dir:
         from zmq.auth.thread import ThreadAuthenticator
-        from maskserver.keys import server_keys
+        from mimpipe.maskserver.keys import server_keys
         auth = ThreadAuthenticator(ctx)
         auth.start()
         clients = Path(curve_dir) / "clients"
@@ -135,11 +135,11 @@ def parse_option(text: str) -> tuple[str, object]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from maskserver.teacher import Teacher, default_source
-    from pipeline.loader import Loader
-    from pipeline.manifest import load_manifest
-    from pipeline.plan import Plan
-    from train.model import model_config
+    from mimpipe.maskserver.teacher import Teacher, default_source
+    from mimpipe.pipeline.loader import Loader
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.pipeline.plan import Plan
+    from mimpipe.train.model import model_config
 
     manifest = load_manifest(args.shards)
     plan_cfg = plan_config_from_args(args, model_config(args.model).img_size)

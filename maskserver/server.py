@@ -1,5 +1,5 @@
 """The mask server's core: per-rank state, workers and message handling, no socket (that shell and
-the `mimpipe maskserver` command are maskserver/serve.py). DESIGN.md "Mask server", "Transport".
+the `mimpipe maskserver` command are maskserver/serve.py). docs/design.md "Mask server", "Transport".
 
 Threads (zmq sockets are not thread-safe, so exactly one thread touches the socket):
     socket thread   `serve`: the ROUTER; decodes every frame list (protocol.decode), hands it to
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from maskserver import protocol as P
-from maskserver.weights import WeightAssembler
-from maskserver.client import batch_generator
-from maskserver.strategies import get_strategy, pack_mask, plb_update, random_mask
+from mimpipe.maskserver import protocol as P
+from mimpipe.maskserver.weights import WeightAssembler
+from mimpipe.maskserver.client import batch_generator
+from mimpipe.maskserver.strategies import get_strategy, pack_mask, plb_update, random_mask
 
 log = logging.getLogger("mimpipe.maskserver")
 MAX_ERROR_REPLIES = 100  # per peer: a rogue sender is not answered forever (amplification)
@@ -217,7 +217,7 @@ class MaskServer:
         self.counts["feedback"] += 1
 
     def _plb_epoch_end(self) -> None:
-        """PLB (METHODS 5.3): p <- plb_update at the end of each epoch; idm samples heads from p."""
+        """PLB (docs/methods.md 5.3): p <- plb_update at the end of each epoch; idm samples heads from p."""
         M = len(self.plb_sum)
         p = self.head_probs if self.head_probs is not None else torch.full((M,), 1.0 / M, dtype=torch.float64)
         try:

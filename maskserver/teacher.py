@@ -1,6 +1,6 @@
 """The mask server's teacher ViT: weights from one of three sources, a truncated forward, LUT targets.
 
-METHODS.md "Decisions for mimpipe" and DESIGN.md "Mask server". The teacher is the student's own
+docs/methods.md "Decisions for mimpipe" and docs/design.md "Mask server". The teacher is the student's own
 encoder (train/model.py, encoder_only) and computes only what the strategy reads
 (strategies/__init__.py NEEDS), stopping the forward there:
     'none'      nothing (random)
@@ -23,14 +23,14 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from maskserver.strategies import Masked, MaskInputs, Strategy, get_strategy
-from train.heads import mlp_head
-from train.model import (attention_probs, block_qkv, create_model, load_encoder_state, model_config,
+from mimpipe.maskserver.strategies import Masked, MaskInputs, Strategy, get_strategy
+from mimpipe.train.heads import mlp_head
+from mimpipe.train.model import (attention_probs, block_qkv, create_model, load_encoder_state, model_config,
                          read_checkpoint)
 
 log = logging.getLogger(__name__)
 
-# The network each paper picks masks with (METHODS.md "Decisions"); another source is a logged deviation.
+# The network each paper picks masks with (docs/methods.md "Decisions"); another source is a logged deviation.
 DEFAULT_SOURCE = {"sbam": "online", "amr": "online", "gpa": "frozen",
                   "idm": "momentum", "attmask": "momentum"}
 PROJECTOR = "projector."
@@ -224,7 +224,7 @@ class Teacher:
 
     @torch.no_grad()
     def lut_targets(self, view1: Tensor, view2: Tensor) -> tuple[Tensor, Tensor]:
-        """LUT's targets t_k = h_ξ(mean_{j>=1} norm(Enc_ξ(v_k))[:, j]) (METHODS.md 2.3): both views
+        """LUT's targets t_k = h_ξ(mean_{j>=1} norm(Enc_ξ(v_k))[:, j]) (docs/methods.md 2.3): both views
         whole (no masking), after the final LayerNorm, mean over the L patch tokens (cls excluded),
         then the projector with eval-mode BN (running statistics). view1, view2: [N, 3, H, W]
         -> t1, t2: [N, D] fp32."""
@@ -266,5 +266,5 @@ class Teacher:
                              f"build it with strategy={strategy.name!r}")
         if self.kind != DEFAULT_SOURCE.get(strategy.name) and strategy.name not in self._noted:
             self._noted.add(strategy.name)
-            log.warning("strategy %r runs on a %r teacher; its paper uses %r (METHODS.md 'Decisions')",
+            log.warning("strategy %r runs on a %r teacher; its paper uses %r (docs/methods.md 'Decisions')",
                         strategy.name, self.source, DEFAULT_SOURCE.get(strategy.name))

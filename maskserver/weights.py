@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from maskserver.protocol import (DEFAULT_CHUNK_BYTES, DTYPES, E_ARRAY, E_TYPE, E_WEIGHTS, MAX_WEIGHTS_BYTES,
+from mimpipe.maskserver.protocol import (DEFAULT_CHUNK_BYTES, DTYPES, E_ARRAY, E_TYPE, E_WEIGHTS, MAX_WEIGHTS_BYTES,
                                  TORCH_DTYPES, TORCH_TAGS, WEIGHT_ALIGN, WEIGHTS, Message, ProtocolError,
                                  brief, encode)
 

@@ -1,4 +1,4 @@
-"""LUT's ColorAug (METHODS 2.1) on a batch, with per-image parameters from the plan.
+"""LUT's ColorAug (docs/methods.md 2.1) on a batch, with per-image parameters from the plan.
 
 Vectorized over the batch (a per-image torchvision call costs ~1 s per batch of 64 on a CPU).
 Semantics follow torchvision's tensor functions: brightness scales; contrast and saturation blend

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.color import color_augment
+from mimpipe.pipeline.color import color_augment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

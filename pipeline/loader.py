@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from pipeline.decode import DecodeError, check_decodable, make_decoder
-from pipeline.plan import Plan, PlanConfig, PlannedBatch
-from pipeline.reader import ShardReader
+from mimpipe.pipeline.decode import DecodeError, check_decodable, make_decoder
+from mimpipe.pipeline.plan import Plan, PlanConfig, PlannedBatch
+from mimpipe.pipeline.reader import ShardReader
 
 log = logging.getLogger("mimpipe.loader")
 _END = object()

@@ -34,7 +34,7 @@ class ViewConfig:
     scale: tuple[float, float] = (0.2, 1.0)          # MAE's RRC scale
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
-    color: bool = False                              # LUT's ColorAug (METHODS 2.1)
+    color: bool = False                              # LUT's ColorAug (docs/methods.md 2.1)
 
     def __post_init__(self):
         if self.crop not in CROPS:
@@ -162,7 +162,7 @@ CROPS = {"rrc": 22, "src": 2, "center": 0}   # crop kind -> uniforms it draws
 
 
 def color_params(u: np.ndarray) -> np.ndarray:
-    """LUT's ColorAug per sample (METHODS 2.1): with p=0.8 ColorJitter(0.4, 0.4, 0.2, 0.1), then
+    """LUT's ColorAug per sample (docs/methods.md 2.1): with p=0.8 ColorJitter(0.4, 0.4, 0.2, 0.1), then
     exactly one of grayscale / solarize / blur(sigma ~ U(0.1, 2)). -> [n, 7] float32 columns:
     jitter on, brightness, contrast, saturation, hue (fraction of a turn), op (0 gray, 1 solarize,
     2 blur), sigma. Jitter is applied in this fixed order (torchvision shuffles it)."""

@@ -78,8 +78,8 @@ def image_folder(tmp_path_factory):
 
 
 def build_sample(out: Path, n: int = 120, size: int = 64, per_shard: int = 30, seed: int = 0) -> Path:
-    from tools.sample import CLASSES, GENERATOR, SampleItem
-    from tools.shard import ShardConfig, shard_items
+    from mimpipe.tools.sample import CLASSES, GENERATOR, SampleItem
+    from mimpipe.tools.shard import ShardConfig, shard_items
     items = [SampleItem(seed, i, size) for i in range(n)]
     shard_items(items, CLASSES, out, ShardConfig(name="sample", shard_bytes=None,
                                                  samples_per_shard=per_shard, seed=seed), progress=False,

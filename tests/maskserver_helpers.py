@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools import procs
+from mimpipe.tools import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mae_vit_micro_patch8_64"
@@ -62,7 +62,7 @@ def read_lines(path) -> list[dict]:
 
 
 def record(mb, epoch, step, ids) -> dict:
-    from maskserver.protocol import checksum
+    from mimpipe.maskserver.protocol import checksum
     return {"epoch": epoch, "step": step, "checksum": checksum(ids), "fallback": mb.fallback,
             "version": mb.teacher_version, "len_keep": mb.len_keep.tolist(),
             "visible": (~mb.mask).sum(1).tolist(), "shape": list(mb.mask.shape)}
@@ -70,9 +70,9 @@ def record(mb, epoch, step, ids) -> dict:
 
 def _main() -> None:
     sys.path.insert(0, str(ROOT))
-    from maskserver.client import MaskClient
-    from pipeline.manifest import load_manifest
-    from pipeline.plan import Plan, PlanConfig
+    from mimpipe.maskserver.client import MaskClient
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.pipeline.plan import Plan, PlanConfig
     ap = argparse.ArgumentParser()
     ap.add_argument("endpoint")
     ap.add_argument("shards")

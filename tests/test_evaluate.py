@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.manifest import load_manifest
-from train.evaluate import evaluate, knn_accuracy, linear_probe_accuracy, load_encoder, split, standardize
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.train.evaluate import evaluate, knn_accuracy, linear_probe_accuracy, load_encoder, split, standardize
 
 
 def test_knn_and_probe_on_separable_features():
@@ -52,7 +52,7 @@ def test_evaluate_a_real_encoder(sample_ds):
 
 def test_a_checkpoint_with_loss_heads_evaluates(sample_ds, tmp_path):
     """Training checkpoints also hold the decoder and LUT's projector/predictor: eval reads the encoder."""
-    from train.trainer import TrainConfig, train
+    from mimpipe.train.trainer import TrainConfig, train
     train(TrainConfig(shards=str(sample_ds), out=str(tmp_path), model="mae_vit_micro_patch8_64", batch_size=8,
                       max_steps=1, threads=1, lut=1.0, views="src,src+color", head_hidden=64))
     for part in ("model", "ema"):

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from pipeline.color import color_augment, gaussian_blur
-from pipeline.decode import DecodeError
-from pipeline.loader import Loader
-from pipeline.manifest import load_manifest
-from pipeline.plan import PlanConfig, ViewConfig
-from pipeline.reader import ReadError, ShardReader
+from mimpipe.pipeline.color import color_augment, gaussian_blur
+from mimpipe.pipeline.decode import DecodeError
+from mimpipe.pipeline.loader import Loader
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.pipeline.plan import PlanConfig, ViewConfig
+from mimpipe.pipeline.reader import ReadError, ShardReader
 
 CFG = PlanConfig(seed=2, batch_size=16, img_size=48, views=(ViewConfig(), ViewConfig(crop="src", color=True)))
 
@@ -83,8 +83,8 @@ def test_thread_count_does_not_change_pixels(m):
 
 CHILD = """
 import sys, numpy as np
-from pipeline.loader import Loader
-from pipeline.manifest import load_manifest
+from mimpipe.pipeline.loader import Loader
+from mimpipe.pipeline.manifest import load_manifest
 from tests.test_loader import CFG
 loader = Loader(load_manifest(sys.argv[1]), CFG, threads=1)
 b = next(iter(loader.epoch(2, 4)))

@@ -1,17 +1,17 @@
-"""train/losses.py and train/mam.py against hand-computed values of the formulas in METHODS.md."""
+"""train/losses.py and train/mam.py against hand-computed values of the formulas in docs/methods.md."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from train.losses import (
+from mimpipe.train.losses import (
     LOSSES, contrastive_loss, cosine_distance, heterogeneity, info_nce, l_e, l_r, l_spa, loss_term,
     lut_loss, lut_momentum, mae_loss, mam_loss, mto_loss, patch_loss, per_head_loss_stats, per_image_loss,
     pooled,
 )
-from train.mam import MAMHead
-from train.model import create_model, model_config, patchify
+from mimpipe.train.mam import MAMHead
+from mimpipe.train.model import create_model, model_config, patchify
 
 
 def close(a, b, atol=1e-6, what=""):

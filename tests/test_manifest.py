@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from pipeline.manifest import ManifestError, load_manifest
-from tools.sample import SampleItem, CLASSES
-from tools.shard import ShardConfig, shard_items
+from mimpipe.pipeline.manifest import ManifestError, load_manifest
+from mimpipe.tools.sample import SampleItem, CLASSES
+from mimpipe.tools.shard import ShardConfig, shard_items
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The mask server and MaskClient over real sockets and real processes (DESIGN.md "Transport").
+"""The mask server and MaskClient over real sockets and real processes (docs/design.md "Transport").
 
 Every test bounds its time and kills what it started in `finally`. Tiny model (micro, L = 64),
 batches of 4, two ranks: 120 samples -> 15 steps per epoch.
@@ -19,11 +19,11 @@ import pytest
 import torch
 import zmq
 
-from maskserver import protocol as P
-from maskserver.weights import weight_chunks
-from maskserver.client import MaskClient, MaskServerError, batch_generator
-from pipeline.manifest import load_manifest
-from pipeline.plan import Plan, PlanConfig
+from mimpipe.maskserver import protocol as P
+from mimpipe.maskserver.weights import weight_chunks
+from mimpipe.maskserver.client import MaskClient, MaskServerError, batch_generator
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.pipeline.plan import Plan, PlanConfig
 from maskserver_helpers import L, MODEL, free_port, kill, read_lines, start_client, start_server
 
 WORLD, B = 2, 4
@@ -159,7 +159,7 @@ def test_server_kill9_and_restart(sample_ds, tmp_path):
 
 def test_random_fallback_is_deterministic(sample_ds, tmp_path):
     """No server at all: policy random gives the masks of batch_generator(seed, epoch, step, rank)."""
-    from maskserver.strategies import random_mask
+    from mimpipe.maskserver.strategies import random_mask
     plan = plans(sample_ds)[1]
     c = client(f"ipc://{tmp_path}/nobody.sock", plan, policy="random", mask_timeout=0.2)
     c2 = client(f"ipc://{tmp_path}/nobody2.sock", plan, mask_timeout=0.2)
@@ -340,9 +340,9 @@ def test_fuzz_server_survives_hostile_frames(sample_ds, shared):
 
 # ---- CURVE ----
 def test_curve_only_listed_keys(sample_ds, tmp_path):
-    from maskserver.keys import create_keys
+    from mimpipe.maskserver.keys import create_keys
     keys = tmp_path / "keys"
-    assert subprocess.run([sys.executable, "-m", "tools.cli", "keys", str(keys), "--clients", "1"],
+    assert subprocess.run([sys.executable, "-m", "mimpipe.tools.cli", "keys", str(keys), "--clients", "1"],
                           cwd=Path(__file__).parents[1], timeout=60).returncode == 0
     other = create_keys(tmp_path / "other", 1)  # a key pair the server never heard of
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -366,9 +366,9 @@ def test_curve_only_listed_keys(sample_ds, tmp_path):
 
 # ---- weight sync ----
 def test_weights_sync_and_masks_match_in_process_teacher(sample_ds, tmp_path):
-    from maskserver.teacher import Teacher
-    from pipeline.loader import Loader
-    from train.model import create_model
+    from mimpipe.maskserver.teacher import Teacher
+    from mimpipe.pipeline.loader import Loader
+    from mimpipe.train.model import create_model
     torch.manual_seed(7)
     prefixes = Teacher.state_for("sbam", MODEL)
     state = {k: v.clone() for k, v in create_model(MODEL, encoder_only=True).state_dict().items()
@@ -421,8 +421,8 @@ class _IdleLoader:
 
 
 def test_core_feedback_plb_and_weights():
-    from maskserver.server import MaskServer, ServerConfig
-    from maskserver.teacher import Teacher
+    from mimpipe.maskserver.server import MaskServer, ServerConfig
+    from mimpipe.maskserver.teacher import Teacher
     teacher = Teacher(MODEL, "momentum", projector_hidden=None)
     srv = MaskServer(ServerConfig("idm", ranks=(0, 1)), teacher, lambda r: _IdleLoader(), "ab" * 16, 15, 0, 2)
 
@@ -474,8 +474,8 @@ def test_core_feedback_plb_and_weights():
 def test_core_masks_message_per_strategy(strategy, source, extra):
     """The MASKS a worker builds decode on the trainer side, with the strategy's targets."""
     import types
-    from maskserver.server import MaskServer, ServerConfig
-    from maskserver.teacher import Teacher
+    from mimpipe.maskserver.server import MaskServer, ServerConfig
+    from mimpipe.maskserver.teacher import Teacher
     block = 1 if strategy == "gpa" else None
     t = Teacher(MODEL, source, strategy=strategy, block=block, projector_hidden=None)
     t.load_state({k: v.clone() for k, v in t._state().items() if k in t.held}, 1, 5)

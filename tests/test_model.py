@@ -1,4 +1,4 @@
-"""Behaviour of train/model.py against METHODS.md section 0 and timm's own ViT."""
+"""Behaviour of train/model.py against docs/methods.md section 0 and timm's own ViT."""
 import math
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from train.model import (
+from mimpipe.train.model import (
     MODELS, MaskedAutoencoderViT, ModelConfig, attention_logits, attention_probs, block_qkv,
     create_model, load_encoder_state, model_config, patchify, random_masking, unpatchify,
 )
-from train.pos_embed import get_2d_sincos_pos_embed
+from mimpipe.train.pos_embed import get_2d_sincos_pos_embed
 
 L = 64  # 64 px images, patch 8: an 8 x 8 grid
 

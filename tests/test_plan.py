@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.manifest import load_manifest
-from pipeline.plan import (Plan, PlanConfig, ViewConfig, center_boxes, epoch_order, rrc_boxes,
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.pipeline.plan import (Plan, PlanConfig, ViewConfig, center_boxes, epoch_order, rrc_boxes,
                            src_boxes, uniforms)
 
 TWO_VIEWS = (ViewConfig(), ViewConfig(crop="src", color=True))

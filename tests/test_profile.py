@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tools import profile
+from mimpipe.tools import profile
 
 
 def test_profile_reports_every_stage(sample_ds, tmp_path):
@@ -33,7 +33,7 @@ def test_profile_reports_every_stage(sample_ds, tmp_path):
 
 def test_bench_without_a_stage_runs_every_stage(monkeypatch, capsys):
     """`mimpipe bench` (what `make bench` runs) goes through every registered stage."""
-    from tools import bench, cli
+    from mimpipe.tools import bench, cli
     ran = []
     for stage, module in bench.STAGES.items():
         mod = __import__(module, fromlist=["run"])

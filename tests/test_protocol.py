@@ -13,13 +13,13 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from maskserver import protocol as P
-from maskserver.protocol import (
+from mimpipe.maskserver import protocol as P
+from mimpipe.maskserver.protocol import (
     BYE, CREDIT, ERROR, FEEDBACK, HEARTBEAT, HELLO, MASKS, PROTOCOL_VERSION, WEIGHTS, WELCOME,
     Message, ProtocolError, checksum, decode, encode,
 )
-from maskserver.weights import WeightAssembler, weight_chunks
-from maskserver.strategies import pack_mask, random_mask
+from mimpipe.maskserver.weights import WeightAssembler, weight_chunks
+from mimpipe.maskserver.strategies import pack_mask, random_mask
 
 N, L, D, M = 8, 20, 6, 4  # L = 20: 3 mask bytes per image, 4 padding bits
 HEX = "0123abcd" * 4

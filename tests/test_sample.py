@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tools import sample
+from mimpipe.tools import sample
 
 
 def test_one_upright_object_near_the_centre_of_its_class():

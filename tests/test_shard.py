@@ -14,9 +14,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.manifest import ManifestError, load_manifest
+from mimpipe.pipeline.manifest import ManifestError, load_manifest
 from tests.conftest import jpeg_bytes, make_image_folder, picture
-from tools.shard import ShardConfig, ShardError, parse_size, sample_key, scan_folder, shard_items
+from mimpipe.tools.shard import ShardConfig, ShardError, parse_size, sample_key, scan_folder, shard_items
 
 CFG = ShardConfig(name="t", shard_bytes=None, samples_per_shard=3, seed=7)
 
@@ -185,7 +185,7 @@ def test_refuses_to_overwrite_without_resume(sharded):
 
 
 def _run_cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "tools.cli", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "mimpipe.tools.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -194,7 +194,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, when):
     src = tmp_path / "src"
     make_image_folder(src, n_good=150, seed=3, size=(320, 240))
     opts = ["--samples-per-shard", "2", "--name", "k", "--seed", "5"]
-    subprocess.run([sys.executable, "-m", "tools.cli", "shard", src, tmp_path / "ref", *opts],
+    subprocess.run([sys.executable, "-m", "mimpipe.tools.cli", "shard", src, tmp_path / "ref", *opts],
                    check=True, capture_output=True)
     out = tmp_path / "out"
     proc = _run_cli("shard", src, out, *opts)
@@ -212,7 +212,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, when):
         assert tar.stat().st_size % 10240 == 0
     with pytest.raises(ManifestError):
         load_manifest(out)
-    done = subprocess.run([sys.executable, "-m", "tools.cli", "shard", src, out, *opts, "--resume"],
+    done = subprocess.run([sys.executable, "-m", "mimpipe.tools.cli", "shard", src, out, *opts, "--resume"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     ref = sorted(p.name for p in (tmp_path / "ref").iterdir())

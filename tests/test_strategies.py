@@ -1,4 +1,4 @@
-"""Tests for maskserver/strategies: hand examples from METHODS.md, MAE parity, exact counts, determinism."""
+"""Tests for maskserver/strategies: hand examples from docs/methods.md, MAE parity, exact counts, determinism."""
 from __future__ import annotations
 
 import math
@@ -9,14 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from maskserver.strategies import (
+from mimpipe.maskserver.strategies import (
     STRATEGIES, MaskInputs, amr_mask, amr_ratios, attmask_mask, get_strategy, gpa_counts, gpa_mask,
     gpa_schedule, gpa_scores, gpa_target, head_recall, idm_mask, len_keep_for, mask_from_scores,
     pack_mask, plb_accumulate, plb_sample, plb_update, random_mask, sbam_mask, sbam_salience,
     select_head, unpack_mask,
 )
-from maskserver.strategies.gpa import HARD, SOFT, gpa_per_head, gpa_priority
-from maskserver.strategies.sbam import affinity_column_sums
+from mimpipe.maskserver.strategies.gpa import HARD, SOFT, gpa_per_head, gpa_priority
+from mimpipe.maskserver.strategies.sbam import affinity_column_sums
 
 
 def gen(seed: int) -> torch.Generator:
@@ -24,7 +24,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def mae_random_masking(x, mask_ratio, noise):
-    """MAE's random_masking (METHODS 0.4) with the noise passed in instead of drawn."""
+    """MAE's random_masking (docs/methods.md 0.4) with the noise passed in instead of drawn."""
     N, L, D = x.shape
     len_keep = int(L * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)

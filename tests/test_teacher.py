@@ -1,4 +1,4 @@
-"""maskserver/teacher.py against a full forward (hooks live here, in the test only) and METHODS.md."""
+"""maskserver/teacher.py against a full forward (hooks live here, in the test only) and docs/methods.md."""
 import argparse
 import logging
 
@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from maskserver.strategies import STRATEGIES, gpa_mask, gpa_scores, gpa_target
-from maskserver.teacher import DEFAULT_SOURCE, Teacher
-from train.heads import mlp_head
-from train.model import attention_logits, attention_probs, create_model
+from mimpipe.maskserver.strategies import STRATEGIES, gpa_mask, gpa_scores, gpa_target
+from mimpipe.maskserver.teacher import DEFAULT_SOURCE, Teacher
+from mimpipe.train.heads import mlp_head
+from mimpipe.train.model import attention_logits, attention_probs, create_model
 
 MICRO, TINY = "mae_vit_micro_patch8_64", "mae_vit_tiny_patch8_64"
 N, L = 3, 64  # 64 px, patch 8
@@ -245,12 +245,12 @@ def test_same_seed_same_masks(imgs, name):
 def test_non_default_source_is_logged_once(imgs, caplog):
     assert set(DEFAULT_SOURCE) == {n for n, s in STRATEGIES.items() if s.needs != "none"}
     t = loaded(MICRO, encoder(MICRO, 5))
-    with caplog.at_level(logging.WARNING, logger="maskserver.teacher"):
+    with caplog.at_level(logging.WARNING, logger="mimpipe.maskserver.teacher"):
         for name in ("gpa", "gpa", "idm"):
             t.compute(imgs, name, ratio=0.75, generator=gen(0), **({"block": 1, "options": {"head": 0}}
                                                                     if name == "gpa" else {}))
     assert [r.getMessage() for r in caplog.records] == [
-        "strategy 'gpa' runs on a 'momentum' teacher; its paper uses 'frozen' (METHODS.md 'Decisions')"]
+        "strategy 'gpa' runs on a 'momentum' teacher; its paper uses 'frozen' (docs/methods.md 'Decisions')"]
 
 
 def test_gpa_defaults_fit_a_shallow_narrow_model(imgs):

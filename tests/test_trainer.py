@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import build_sample
-from train.model import create_model
-from train.optim import Schedule, ema_momentum, lr_at, param_groups
-from train.trainer import TrainConfig, train
+from mimpipe.train.model import create_model
+from mimpipe.train.optim import Schedule, ema_momentum, lr_at, param_groups
+from mimpipe.train.trainer import TrainConfig, train
 
 
 MICRO = "mae_vit_micro_patch8_64"
@@ -63,8 +63,8 @@ def test_training_lowers_the_loss_and_lifts_knn_above_a_random_encoder(tmp_path_
     """The demo's claim at unit-test size: the default sample dataset (2000 images, 96 px), a micro
     ViT, 16 epochs of plain MAE. Measured: loss 1.33 -> 0.56, k-NN 0.127 -> 0.228 (chance 0.10,
     400 test images: a standard error of about 0.02)."""
-    from pipeline.manifest import load_manifest
-    from train.evaluate import evaluate, load_encoder
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.train.evaluate import evaluate, load_encoder
     ds = build_sample(tmp_path_factory.mktemp("sample2000"), n=2000, size=96, per_shard=250)
     out = tmp_path_factory.mktemp("run")
     r = train(cfg(ds, out, batch_size=64, epochs=16, blr=8e-3, warmup_epochs=1, threads=2))
@@ -92,7 +92,7 @@ def test_schedules_and_param_groups():
 
 def test_init_warm_starts_weights_with_a_fresh_optimizer_and_cursor(sample_ds, tmp_path):
     """--init (SBAM's warm start): the weights of another run, nothing else of it."""
-    from train.trainer import Run
+    from mimpipe.train.trainer import Run
     train(cfg(sample_ds, tmp_path / "a", max_steps=3))
     warm = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
     run = Run(cfg(sample_ds, tmp_path / "b", init=str(tmp_path / "a" / "checkpoint.pt"), lut=0.5,

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from maskserver.client import batch_generator
-from maskserver.teacher import Teacher
-from train.masks import Masks
-from train.model import create_model, patchify
-from train.objective import second_view_mask
-from train.trainer import Run, TrainConfig, compute_losses, train
+from mimpipe.maskserver.client import batch_generator
+from mimpipe.maskserver.teacher import Teacher
+from mimpipe.train.masks import Masks
+from mimpipe.train.model import create_model, patchify
+from mimpipe.train.objective import second_view_mask
+from mimpipe.train.trainer import Run, TrainConfig, compute_losses, train
 
 MODEL = "mae_vit_micro_patch8_64"
 
@@ -131,7 +131,7 @@ def test_each_term_trains_its_parameters_and_never_the_teacher(sample_ds, tmp_pa
         assert any(k.startswith("projector.") for k in run.ema.state_dict())   # what a momentum server holds
         for name, p in run.ema.named_parameters():
             assert not p.requires_grad and p.grad is None, f"EMA {name} got a gradient"
-        assert not run.ema.training    # eval-mode BN in the momentum projector (METHODS 2.3)
+        assert not run.ema.training    # eval-mode BN in the momentum projector (docs/methods.md 2.3)
     finally:
         run.loader.close()
 
@@ -205,8 +205,8 @@ def test_per_image_loss_feedback_matches_the_mae_loss(sample_ds, tmp_path):
 
 def test_server_source_gets_plb_feedback_per_step(sample_ds, tmp_path):
     """With a server source the trainer sends (epoch, step, per-head sum, count), valid rows only."""
-    from train.masks import ServerMasks
-    from train.trainer import plb_feedback
+    from mimpipe.train.masks import ServerMasks
+    from mimpipe.train.trainer import plb_feedback
 
     class Client:
         def __init__(self):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tests.maskserver_helpers import MODEL, ROOT, free_port, kill, start_server
-from train.trainer import TrainConfig, train
+from mimpipe.train.trainer import TrainConfig, train
 
 
 def rows(path) -> list[dict]:
@@ -21,7 +21,7 @@ def test_two_torchrun_ranks_train_an_epoch_on_server_masks(sample_ds, tmp_path):
         out = tmp_path / "run"
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(free_port()), "-m", "tools.cli", "train", "--shards", str(sample_ds), "--out", str(out),
+             str(free_port()), "-m", "mimpipe.tools.cli", "train", "--shards", str(sample_ds), "--out", str(out),
              "--model", MODEL, "--masks", endpoint, "--strategy", "sbam", "--batch-size", "8",
              "--epochs", "1", "--threads", "1", "--mask-policy", "fail", "--mask-timeout", "60",
              "--heartbeat", "0.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)

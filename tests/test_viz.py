@@ -5,8 +5,8 @@ import argparse
 
 import numpy as np
 
-from tools import viz
-from tools.sample import decode_fg, fg_cells, fg_patches
+from mimpipe.tools import viz
+from mimpipe.tools.sample import decode_fg, fg_cells, fg_patches
 
 
 def test_fg_patches_follow_crop_and_flip():

@@ -7,10 +7,10 @@ import json
 
 # stage -> module with add_arguments(p) and run(args) -> dict of results
 STAGES = {
-    "shard": "tools.bench_shard",
-    "teacher": "tools.bench_teacher",
-    "loader": "tools.bench_loader",
-    "transport": "tools.bench_transport",
+    "shard": "mimpipe.tools.bench_shard",
+    "teacher": "mimpipe.tools.bench_teacher",
+    "loader": "mimpipe.tools.bench_loader",
+    "transport": "mimpipe.tools.bench_transport",
 }
 
 

@@ -45,7 +45,7 @@ class PhotoItem:
 
 
 def make_photos(out: Path, n: int) -> Path:
-    from tools.shard import ShardConfig, shard_items
+    from mimpipe.tools.shard import ShardConfig, shard_items
     shard_items([PhotoItem(i) for i in range(n)], [f"c{i}" for i in range(10)], out,
                 ShardConfig(name="photo", shard_bytes=None, samples_per_shard=128, workers=2),
                 progress=False)
@@ -63,7 +63,7 @@ def _timed(batches, n_batches: int, batch_size: int) -> float:
 
 def loader_img_s(m, cfg, decoder: str, *, threads: int, batches: int) -> float:
     """Images/s of our Loader over `batches` batches after the first (epochs chained)."""
-    from pipeline.loader import Loader
+    from mimpipe.pipeline.loader import Loader
     loader = Loader(m, cfg, decoder=decoder, threads=threads)
     try:
         return _timed((b for e in range(10**6) for b in loader.epoch(e)), batches, cfg.batch_size)
@@ -72,7 +72,7 @@ def loader_img_s(m, cfg, decoder: str, *, threads: int, batches: int) -> float:
 
 
 def ours(m, args, decoder: str, interpolation: str) -> float:
-    from pipeline.plan import PlanConfig
+    from mimpipe.pipeline.plan import PlanConfig
     cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=args.img_size,
                      interpolation=interpolation)
     return loader_img_s(m, cfg, decoder, threads=args.threads, batches=args.batches)
@@ -93,7 +93,7 @@ def baseline(m, args, interpolation: str) -> float:
 
 
 def run(args) -> dict:
-    from pipeline.manifest import load_manifest
+    from mimpipe.pipeline.manifest import load_manifest
     torch.set_num_threads(1)   # the decoders own the cores, not intra-op torch
     with tempfile.TemporaryDirectory(prefix="mimpipe-bench-") as tmp:
         m = load_manifest(args.shards or make_photos(Path(tmp) / "photos", args.n))

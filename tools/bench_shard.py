@@ -10,8 +10,8 @@ from pathlib import Path
 
 import webdataset as wds
 
-from tools.sample import SampleItem
-from tools.shard import ShardConfig, scan_folder, shard_items
+from mimpipe.tools.sample import SampleItem
+from mimpipe.tools.shard import ShardConfig, scan_folder, shard_items
 
 
 def add_arguments(p) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from maskserver.strategies import STRATEGIES, Masked, MaskInputs, gpa_mask, gpa_target
-from maskserver.teacher import DEFAULT_SOURCE, Teacher, block_for
-from train.model import attention_logits, create_model, model_config
+from mimpipe.maskserver.strategies import STRATEGIES, Masked, MaskInputs, gpa_mask, gpa_target
+from mimpipe.maskserver.teacher import DEFAULT_SOURCE, Teacher, block_for
+from mimpipe.train.model import attention_logits, create_model, model_config
 
 RATIO, PROGRESS, SEED = 0.75, 0.5, 0
 CONFIGS = {"tiny": ("mae_vit_tiny_patch8_64", 64), "vit_b": ("mae_vit_base_patch16", 8)}  # model, batch

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import zmq
 
-from maskserver import protocol as P
-from maskserver.weights import WeightAssembler, weight_chunks
-from maskserver.strategies.masking import pack_mask
+from mimpipe.maskserver import protocol as P
+from mimpipe.maskserver.weights import WeightAssembler, weight_chunks
+from mimpipe.maskserver.strategies.masking import pack_mask
 
-REQUIRED_BATCHES_S = 170  # DESIGN.md, Transport: 8 GPUs need ~170 batches/s
-RESEARCH = "research (DESIGN.md): 9-20k batches/s, 150-250 us round trip"
+REQUIRED_BATCHES_S = 170  # docs/design.md, Transport: 8 GPUs need ~170 batches/s
+RESEARCH = "research (docs/design.md): 9-20k batches/s, 150-250 us round trip"
 VARIANTS = ("masks", "targets")  # the HELLO's restart_id tells the bench server which one to stream
 ACK = "weights-ok"
 
@@ -193,7 +193,7 @@ def round_trips(s: zmq.Socket, n: int, warmup: int = 50) -> dict:
 
 
 def vit_b_state() -> dict[str, torch.Tensor]:
-    from train.model import create_model
+    from mimpipe.train.model import create_model
     with torch.device("meta"):  # shapes only: no 86M-parameter init
         shapes = {k: v.shape for k, v in create_model("mae_vit_base_patch16", encoder_only=True)
                   .state_dict().items()}
@@ -325,7 +325,7 @@ def table(r: dict) -> str:
             rows.append(f"{tname + ' ' + label:<22}{r[key + '_msgs_s']:>11.0f}{r[key + '_mb_s']:>9.1f}"
                         f"{r[key + '_x_required']:>8.1f}x{r[key + '_rtt_ms']:>9.3f}{r[key + '_rtt_p99_ms']:>9.3f}"
                         f"{r[bpi]:>9.1f}")
-    rows.append(f"need (DESIGN.md, 8 GPUs): ~{req} batches/s; {RESEARCH}")
+    rows.append(f"need (docs/design.md, 8 GPUs): ~{req} batches/s; {RESEARCH}")
     rows.append(f"server encode (check=False): {r['encode_us']} us/batch; client decode: "
                 f"{r['tcp_decode_us']} us (masks), {r['tcp_targets_decode_us']} us (+targets); "
                 f"lost: {sum(r[k] for k in r if k.endswith('_lost'))}")

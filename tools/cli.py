@@ -9,16 +9,16 @@ import sys
 # subcommand -> (module, help); modules are imported only when their command runs, so
 # `mimpipe shard` does not pay for torch and DALI
 COMMANDS = {
-    "shard": ("tools.shard", "image folder / ImageNet -> WebDataset shards + DALI index + manifest"),
-    "sample": ("tools.sample", "generate the embedded sample dataset (shapes on clutter)"),
-    "train": ("train.trainer", "MAE pre-training with random, in-loop or mask-server masks"),
-    "eval": ("train.evaluate", "k-NN and linear-probe accuracy of an encoder on labeled shards"),
-    "viz": ("tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
-    "demo": ("tools.demo", "the whole system on the sample dataset (what `make demo` runs)"),
-    "profile": ("tools.profile", "where throughput goes: every stage alone and the whole system"),
-    "bench": ("tools.bench", "measure throughput of a stage against its baseline"),
-    "maskserver": ("maskserver.serve", "serve attention-guided masks to trainer ranks over ZeroMQ"),
-    "keys": ("maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
+    "shard": ("mimpipe.tools.shard", "image folder / ImageNet -> WebDataset shards + DALI index + manifest"),
+    "sample": ("mimpipe.tools.sample", "generate the embedded sample dataset (shapes on clutter)"),
+    "train": ("mimpipe.train.trainer", "MAE pre-training with random, in-loop or mask-server masks"),
+    "eval": ("mimpipe.train.evaluate", "k-NN and linear-probe accuracy of an encoder on labeled shards"),
+    "viz": ("mimpipe.tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
+    "demo": ("mimpipe.tools.demo", "the whole system on the sample dataset (what `make demo` runs)"),
+    "profile": ("mimpipe.tools.profile", "where throughput goes: every stage alone and the whole system"),
+    "bench": ("mimpipe.tools.bench", "measure throughput of a stage against its baseline"),
+    "maskserver": ("mimpipe.maskserver.serve", "serve attention-guided masks to trainer ranks over ZeroMQ"),
+    "keys": ("mimpipe.maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
 }
 
 

@@ -13,8 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tools import sample
-from tools.procs import cli, pinned, start_server, stop
+from mimpipe.tools import sample
+from mimpipe.tools.procs import cli, pinned, start_server, stop
 
 
 def add_arguments(p) -> None:
@@ -53,8 +53,8 @@ def run(args) -> dict:
 
 
 def summarize(args, rows: list[dict], wall: float, server_rc) -> dict:
-    from pipeline.manifest import load_manifest
-    from train.evaluate import evaluate, load_encoder
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.train.evaluate import evaluate, load_encoder
     m = load_manifest(args.shards)
     step_s = sum(r["data_wait"] + r["mask_wait"] + r["compute"] for r in rows)
     stale = [r["staleness"] for r in rows if r["staleness"] is not None]
@@ -79,7 +79,7 @@ def _plots(args, rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tools import viz
+    from mimpipe.tools import viz
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["it"] for r in rows], [r["loss"] for r in rows])
     ax.set_xlabel("iteration")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "tools.cli", *map(str, args)]
+    return [sys.executable, "-m", "mimpipe.tools.cli", *map(str, args)]
 
 
 def pinned(core: int | None) -> dict:

@@ -24,9 +24,9 @@ from statistics import median
 
 import torch
 
-from tools import sample
-from tools.bench_loader import loader_img_s
-from tools.procs import cli, pinned, start_server, stop
+from mimpipe.tools import sample
+from mimpipe.tools.bench_loader import loader_img_s
+from mimpipe.tools.procs import cli, pinned, start_server, stop
 
 
 def add_arguments(p) -> None:
@@ -53,8 +53,8 @@ def block_macs(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
 
 def teacher_macs(cfg, strategy: str) -> float:
     """Per image: the truncated forward each strategy runs (teacher.py), patch embedding included."""
-    from maskserver.teacher import block_for
-    from maskserver.strategies import get_strategy
+    from mimpipe.maskserver.teacher import block_for
+    from mimpipe.maskserver.strategies import get_strategy
     L, D = cfg.num_patches, cfg.embed_dim
     embed = L * D * 3 * cfg.patch_size ** 2
     b = block_for(get_strategy(strategy), cfg.depth)
@@ -91,9 +91,9 @@ class on_core:
 
 def teacher_img_s(model: str, strategy: str, images, batches: int = 10) -> float:
     """Teacher + strategy on a fresh encoder (timing does not depend on the weights)."""
-    from maskserver.teacher import Teacher, default_source
-    from train.masks import batch_generator
-    from train.model import create_model
+    from mimpipe.maskserver.teacher import Teacher, default_source
+    from mimpipe.train.masks import batch_generator
+    from mimpipe.train.model import create_model
     source = default_source(strategy)
     t = Teacher(model, source, strategy=strategy, projector_hidden=None)
     full = create_model(model, encoder_only=True).state_dict()
@@ -182,9 +182,9 @@ def served_run(args, out: Path, strategy: str) -> dict:
 
 
 def run(args) -> dict:
-    from pipeline.manifest import load_manifest
-    from pipeline.plan import PlanConfig
-    from train.model import model_config
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.pipeline.plan import PlanConfig
+    from mimpipe.train.model import model_config
     sample.ensure(args.shards)
     m, mc = load_manifest(args.shards), model_config(args.model)
     plan_cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=mc.img_size)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools.shard import ShardConfig, shard_items, summary
+from mimpipe.tools.shard import ShardConfig, shard_items, summary
 
 CLASSES = ("disk", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon",
            "crescent", "bar")

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.manifest import MANIFEST, SAMPLE_DTYPE, Shard, write_manifest
-from tools.imagecheck import BadImage, check_image
-from tools.tario import finished_size, index_text, member_sizes_bytes, write_shard
+from mimpipe.pipeline.manifest import MANIFEST, SAMPLE_DTYPE, Shard, write_manifest
+from mimpipe.tools.imagecheck import BadImage, check_image
+from mimpipe.tools.tario import finished_size, index_text, member_sizes_bytes, write_shard
 
 PARTIAL = ".mimpipe-partial"
 LABEL_HEADERS = {"filename", "file", "image", "imageid", "image_id", "path", "name"}

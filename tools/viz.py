@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from maskserver.strategies import (STRATEGIES, get_strategy, gpa_scores, head_recall, len_keep_for,
+from mimpipe.maskserver.strategies import (STRATEGIES, get_strategy, gpa_scores, head_recall, len_keep_for,
                                    sbam_salience, select_head)
-from maskserver.strategies.gpa import gpa_per_head
-from maskserver.teacher import Teacher, block_for, strategy_options
-from pipeline.decode import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.loader import Loader
-from pipeline.manifest import load_manifest
-from pipeline.plan import PlanConfig, ViewConfig
-from tools.sample import fg_patches
-from train.model import create_model, model_config
+from mimpipe.maskserver.strategies.gpa import gpa_per_head
+from mimpipe.maskserver.teacher import Teacher, block_for, strategy_options
+from mimpipe.pipeline.decode import IMAGENET_MEAN, IMAGENET_STD
+from mimpipe.pipeline.loader import Loader
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.pipeline.plan import PlanConfig, ViewConfig
+from mimpipe.tools.sample import fg_patches
+from mimpipe.train.model import create_model, model_config
 
 
 def add_arguments(p) -> None:
@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/viz.png"))
     p.add_argument("--gpa-shots", type=int, default=0,
                    help="also pick GPA's (block, head) by few-shot recall on this many labeled images "
-                        "(METHODS.md 3.3; the sample dataset's foreground masks are the labels)")
+                        "(docs/methods.md 3.3; the sample dataset's foreground masks are the labels)")
 
 
 def score_map(teacher: Teacher, images, name: str) -> torch.Tensor:

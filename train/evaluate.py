@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.loader import Loader
-from pipeline.manifest import load_manifest
-from pipeline.plan import PlanConfig, ViewConfig
-from train.model import create_model, load_encoder_weights, model_config, read_checkpoint
+from mimpipe.pipeline.loader import Loader
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.pipeline.plan import PlanConfig, ViewConfig
+from mimpipe.train.model import create_model, load_encoder_weights, model_config, read_checkpoint
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""MLP heads on pooled encoder features: LUT's projector h and predictor g (METHODS.md 2.4).
+"""MLP heads on pooled encoder features: LUT's projector h and predictor g (docs/methods.md 2.4).
 
 [C naver-ai/lut models/models_lut.py `_build_mlp`, itself MoCo v3's without the last BN]. LUT calls
 the projector `head`; mimpipe calls it `projector` so it is never mistaken for timm's classifier

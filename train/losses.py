@@ -1,4 +1,4 @@
-"""Training losses as pure functions of tensors (METHODS.md 0.5, 2, 3.5, 4, 5.1; defaults from 7).
+"""Training losses as pure functions of tensors (docs/methods.md 0.5, 2, 3.5, 4, 5.1; defaults from 7).
 
 Mask convention everywhere: mask [N, L] bool or 0/1 float, 1/True = masked (MAE: 1 is remove).
 Nothing here holds state, does I/O or knows about processes: the trainer passes tensors in, and
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-# ---------------------------------------------------------------- MAE (METHODS 0.5, PLB 5.3)
+# ---------------------------------------------------------------- MAE (docs/methods.md 0.5, PLB 5.3)
 
 def patch_loss(pred: Tensor, target_patches: Tensor, norm_pix: bool = True) -> Tensor:
     """pred, target_patches: [N, L, p*p*3] (target = patchify(imgs)) -> per-patch MSE [N, L].
@@ -38,7 +38,7 @@ def mae_loss(per_patch: Tensor, mask: Tensor) -> Tensor:
 
 
 def per_image_loss(per_patch: Tensor, mask: Tensor) -> Tensor:
-    """-> [N]: each image's mean over its own masked patches (PLB's l_i, METHODS 5.3), from the same
+    """-> [N]: each image's mean over its own masked patches (PLB's l_i, docs/methods.md 5.3), from the same
     per-patch errors as `mae_loss`. Detached: feedback for head sampling, never a gradient path."""
     mask = mask.to(per_patch.dtype)
     return (per_patch.detach() * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
@@ -56,7 +56,7 @@ def per_head_loss_stats(per_image: Tensor, heads: Tensor, M: int, valid: Tensor 
     return total, count
 
 
-# ---------------------------------------------------------------- LUT (METHODS 2)
+# ---------------------------------------------------------------- LUT (docs/methods.md 2)
 
 def pooled(z: Tensor, len_keep: Tensor | None = None) -> Tensor:
     """z: encoder output [N, 1 + K, D] (cls at 0) -> [N, D], mean over patch tokens, cls excluded.
@@ -93,11 +93,11 @@ def lut_momentum(it: int, total_iters: int, m0: float = 0.996) -> float:
     return 1 + 0.5 * (m0 - 1) * (1 + math.cos(math.pi * it / total_iters))
 
 
-# ---------------------------------------------------------------- MTO (METHODS 4)
+# ---------------------------------------------------------------- MTO (docs/methods.md 4)
 
 def _row_entropy(x: Tensor, col_valid: Tensor) -> Tensor:
     """x [N, T, D], col_valid [N, T] bool -> [N, T]: entropy (nats) of softmax_row(x x^T) over valid
-    columns. Raw dot product, no 1/sqrt(D) (METHODS 7 #13); fp32 and log_softmax for stability:
+    columns. Raw dot product, no 1/sqrt(D) (docs/methods.md 7 #13); fp32 and log_softmax for stability:
     autocast is off here, or it would run the matmul of these large raw products in bf16."""
     x = x.float()
     with torch.autocast(x.device.type, enabled=False):
@@ -184,7 +184,7 @@ def mto_loss(hidden_states: Sequence[Tensor], mask: Tensor, weights=(1.0, 1.0, 1
     return w_spa * spa + w_e * e + w_r * r, parts
 
 
-# ---------------------------------------------------------------- MAM (METHODS 3.5)
+# ---------------------------------------------------------------- MAM (docs/methods.md 3.5)
 
 def mam_loss(pred: Tensor, gpa_target: Tensor, mask: Tensor, on: str = "masked") -> Tensor:
     """pred [N, L] (MAMHead), gpa_target [N, L] teacher GPA z-scored per image, mask [N, L] 1 = masked.
@@ -202,7 +202,7 @@ def mam_loss(pred: Tensor, gpa_target: Tensor, mask: Tensor, on: str = "masked")
     return (se * mask).sum() / mask.sum()
 
 
-# ---------------------------------------------------------------- contrastive / CAMAE (METHODS 5.1)
+# ---------------------------------------------------------------- contrastive / CAMAE (docs/methods.md 5.1)
 
 def info_nce(q: Tensor, k: Tensor, tau: float = 0.2, gather: Callable[[Tensor], Tensor] | None = None,
              rank: int = 0) -> Tensor:

@@ -1,4 +1,4 @@
-"""MAM attention decoder: predicts the teacher's GPA value of every patch (METHODS.md 3.5).
+"""MAM attention decoder: predicts the teacher's GPA value of every patch (docs/methods.md 3.5).
 
 [C Lrbomchz/MM2024_GPA model_GPA_learn_atten.py, itself HPM's loss predictor]: a second stack of
 decoder Blocks that reads the SAME input tokens as the RGB decoder (decoder_embed(latent), mask
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
-from train.model import ModelConfig, _init_weights
+from mimpipe.train.model import ModelConfig, _init_weights
 
 
 class MAMHead(nn.Module):

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskserver.client import MaskClient, batch_generator
-from maskserver.strategies import random_mask
-from maskserver.teacher import Teacher, default_source
+from mimpipe.maskserver.client import MaskClient, batch_generator
+from mimpipe.maskserver.strategies import random_mask
+from mimpipe.maskserver.teacher import Teacher, default_source
 
 
 @dataclass

@@ -1,8 +1,8 @@
-"""MAE: a ViT encoder and a lightweight decoder on timm's Block and PatchEmbed (METHODS.md 0).
+"""MAE: a ViT encoder and a lightweight decoder on timm's Block and PatchEmbed (docs/methods.md 0).
 
 The methods follow facebookresearch/mae models_mae.py step by step: patchify, random_masking,
 forward_encoder, forward_decoder and forward_loss. mimpipe adds three things:
-- masks may come from outside (the mask server) with equal or per-image counts (METHODS.md 1.4 (b));
+- masks may come from outside (the mask server) with equal or per-image counts (docs/methods.md 1.4 (b));
 - attention maps come from any block through pure functions (`block_qkv`, `attention_logits`,
   `attention_probs`), so the blocks keep timm's fused SDPA path and maps cost nothing unless asked
   for: raw logits for GPA (3.2), softmax probabilities for IDM and AttMask (5.2);
@@ -22,8 +22,8 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
-from train.losses import mae_loss, patch_loss
-from train.pos_embed import get_2d_sincos_pos_embed
+from mimpipe.train.losses import mae_loss, patch_loss
+from mimpipe.train.pos_embed import get_2d_sincos_pos_embed
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ModelConfig:
     decoder_num_heads: int
     mlp_ratio: float = 4.0
     in_chans: int = 3
-    norm_pix_loss: bool = True  # every MAE recipe passes --norm_pix_loss (METHODS.md 0.6)
+    norm_pix_loss: bool = True  # every MAE recipe passes --norm_pix_loss (docs/methods.md 0.6)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -52,7 +52,7 @@ class ModelConfig:
         return (self.img_size // self.patch_size) ** 2
 
 
-# Variants: timm-style names; sizes from METHODS.md 0.1, LUT's ViT-S, and two tiny ones for tests.
+# Variants: timm-style names; sizes from docs/methods.md 0.1, LUT's ViT-S, and two tiny ones for tests.
 def mae_vit_base_patch16(**overrides) -> ModelConfig:
     """MAE ViT-B/16: 768 wide, 12 deep, 12 heads; decoder 512 wide, 8 deep, 16 heads."""
     return replace(ModelConfig(224, 16, 768, 12, 12, 512, 8, 16), **overrides)
@@ -137,7 +137,7 @@ def masking_from_shuffle(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: i
 
     x: [N, L, D], ids_shuffle: [N, L] permutation -> (x_masked [N, len_keep, D],
     mask [N, L] float32 1 = masked, ids_restore [N, L] the inverse permutation). Any score gives an
-    ids_shuffle = argsort(score) (METHODS.md 0.4), so score-based masks share MAE's code path.
+    ids_shuffle = argsort(score) (docs/methods.md 0.4), so score-based masks share MAE's code path.
     """
     N, L, D = x.shape
     ids_restore = torch.argsort(ids_shuffle, dim=1)
@@ -229,7 +229,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """MAE init (METHODS.md 0.1): sin-cos pos embeds, xavier Linears, N(0, .02) tokens, LN (1, 0)."""
+        """MAE init (docs/methods.md 0.1): sin-cos pos embeds, xavier Linears, N(0, .02) tokens, LN (1, 0)."""
         grid = int(self.cfg.num_patches ** 0.5)
         for pe in [self.pos_embed] + ([] if self.encoder_only else [self.decoder_pos_embed]):
             table = get_2d_sincos_pos_embed(pe.shape[-1], grid, cls_token=True)  # float64
@@ -247,7 +247,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         mask None: MAE random masking at mask_ratio, noise from `generator` (required).
         mask given ([N, L] bool/0-1, 1 = masked): ids_shuffle is its stable argsort, so kept tokens enter
-        in ascending patch order. If images keep different counts K_b (AMR sample mode, METHODS.md
+        in ascending patch order. If images keep different counts K_b (AMR sample mode, docs/methods.md
         1.4 (b)), K = max K_b (or pad_to) slots and every block masks the padded keys; latent slots
         past K_b are padding, which forward_decoder (given mask) replaces by mask_token. A fixed pad_to
         keeps shapes static across batches (torch.compile, CUDA graphs).
@@ -285,7 +285,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_token whatever the encoder left in their slot. With equal counts it changes nothing.
         return_hidden: also return hidden = [X^0, X^1, ..., X^depth], each [N, 1 + L, Dd] (cls
         first): X^0 the tokens entering decoder_blocks[0] (after decoder_pos_embed, what MTO's
-        L_spa/L_e and GPA's MAM head read, METHODS 4.1, 3.5), X^l the output of block l before
+        L_spa/L_e and GPA's MAM head read, docs/methods.md 4.1, 3.5), X^l the output of block l before
         decoder_norm. Returns (pred, hidden) then.
         """
         x = self.decoder_embed(x)

@@ -1,11 +1,11 @@
-"""The student's objective: MAE plus the switchable terms of train/losses.py (METHODS 2, 3.5, 4, 5.1).
+"""The student's objective: MAE plus the switchable terms of train/losses.py (docs/methods.md 2, 3.5, 4, 5.1).
 
 L = L_MAE + w_lut L_LUT + w_mto L_MTO + w_mam L_MAM + w_contrastive L_c; a weight of 0 switches a
 term off, and a term that is off costs nothing (no head, no extra forward). The heads live on the
 MAE model itself, as in the official LUT and GPA code (`model.head`, `model.predictor`), so
 checkpoints, optimizer groups and `ema_update` see them by name:
-    model.projector, model.predictor   LUT's h and g (METHODS 2.4); the contrastive term reuses them
-    model.mam                          GPA's attention decoder (MAMHead, METHODS 3.5)
+    model.projector, model.predictor   LUT's h and g (docs/methods.md 2.4); the contrastive term reuses them
+    model.mam                          GPA's attention decoder (MAMHead, docs/methods.md 3.5)
     ema.projector                      the momentum projector: `projector.*` is what a momentum mask
                                        server holds (maskserver/teacher.py)
 `Student` wraps the whole forward in one module call, because DDP synchronizes gradients only for
@@ -19,11 +19,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from train.heads import mlp_head
-from train.losses import (contrastive_loss, lut_loss, mae_loss, mam_loss, mto_loss, patch_loss, per_image_loss,
+from mimpipe.train.heads import mlp_head
+from mimpipe.train.losses import (contrastive_loss, lut_loss, mae_loss, mam_loss, mto_loss, patch_loss, per_image_loss,
                           pooled)
-from train.mam import MAMHead
-from train.model import MaskedAutoencoderViT, patchify
+from mimpipe.train.mam import MAMHead
+from mimpipe.train.model import MaskedAutoencoderViT, patchify
 
 TERMS = ("lut", "mto", "mam", "contrastive")   # extra terms; their weights are TrainConfig fields
 
@@ -40,11 +40,11 @@ def attach_heads(model: MaskedAutoencoderViT, ema: MaskedAutoencoderViT, weights
         ema.projector = mlp_head(D, hidden=hidden, out_dim=D)
     if weights.get("mam"):
         model.mam = MAMHead(model.cfg)
-        model.mam.copy_decoder_blocks(model.decoder_blocks)   # the official init (METHODS 3.5)
+        model.mam.copy_decoder_blocks(model.decoder_blocks)   # the official init (docs/methods.md 3.5)
 
 
 def second_view_mask(mask: Tensor, generator: torch.Generator) -> Tensor:
-    """LUT's view-2 mask (METHODS 2.2): mask [N, L] bool True = masked -> [N, L] bool.
+    """LUT's view-2 mask (docs/methods.md 2.2): mask [N, L] bool True = masked -> [N, L] bool.
 
     View 2 keeps K_b = (view 1's kept count) patches drawn at random from view 1's MASKED ones, so
     the two visible sets are disjoint. The noise is `torch.rand(N, L)` from `generator`: given the
@@ -62,7 +62,7 @@ def second_view_mask(mask: Tensor, generator: torch.Generator) -> Tensor:
 
 @torch.no_grad()
 def ema_targets(ema: MaskedAutoencoderViT, view1: Tensor, view2: Tensor) -> dict[str, Tensor]:
-    """The momentum branch on both whole views (no masking, METHODS 2.3), eval-mode BN ->
+    """The momentum branch on both whole views (no masking, docs/methods.md 2.3), eval-mode BN ->
     {'lut_t1', 'lut_t2'}: h_ξ(mean of the patch tokens after the final norm), the same computation
     as Teacher.lut_targets; {'key1', 'key2'}: h_ξ(cls token), the contrastive keys (MoCo v3's
     momentum feature is the cls token). All [N, D] fp32."""
@@ -116,12 +116,12 @@ def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, m
         q1 = model.predictor(model.projector(pooled(latent, (mask == 0).sum(dim=1))))
         q2 = model.predictor(model.projector(pooled(z2, (~mask2.bool()).sum(dim=1))))
         parts["lut"] = lut_loss(q1, q2, targets["lut_t1"], targets["lut_t2"])
-    if w["mto"]:   # MAE: the decoder's hidden states, X^0 = what enters its first block (METHODS 4.1)
+    if w["mto"]:   # MAE: the decoder's hidden states, X^0 = what enters its first block (docs/methods.md 4.1)
         parts["mto"], _ = mto_loss(hidden, mask.bool())
-    if w["mam"]:   # the attention decoder reads the RGB decoder's input tokens (METHODS 3.5)
+    if w["mam"]:   # the attention decoder reads the RGB decoder's input tokens (docs/methods.md 3.5)
         parts["mam"] = mam_loss(model.mam(hidden[0]), targets["gpa_target"], mask)
     if w["contrastive"]:
-        # CAMAE: the online encoder sees the whole views for CL, the masked view for MIM (METHODS 5.1)
+        # CAMAE: the online encoder sees the whole views for CL, the masked view for MIM (docs/methods.md 5.1)
         c1, c2 = model.norm(model.forward_features_until(torch.cat([images, view2]), len(model.blocks)))[:, 0].chunk(2)
         q1, q2 = model.predictor(model.projector(c1)), model.predictor(model.projector(c2))
         parts["contrastive"] = contrastive_loss(q1, q2, targets["key1"], targets["key2"], tau,

@@ -1,4 +1,4 @@
-"""MAE's optimizer recipe (METHODS.md 0.6) as pure functions: parameter groups, lr and EMA schedules."""
+"""MAE's optimizer recipe (docs/methods.md 0.6) as pure functions: parameter groups, lr and EMA schedules."""
 from __future__ import annotations
 
 import math
@@ -25,7 +25,7 @@ def lr_at(epoch: float, s: Schedule) -> float:
 
 
 def ema_momentum(it: int, total_iters: int, m0: float = 0.996) -> float:
-    """LUT's cosine momentum, m0 -> 1 over training (METHODS.md 2.6)."""
+    """LUT's cosine momentum, m0 -> 1 over training (docs/methods.md 2.6)."""
     return 1.0 + 0.5 * (m0 - 1.0) * (1.0 + math.cos(math.pi * it / max(total_iters, 1)))
 
 

@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos position embeddings, as MAE's util/pos_embed.py (METHODS.md 0.2).
+"""Fixed 2-D sin-cos position embeddings, as MAE's util/pos_embed.py (docs/methods.md 0.2).
 
 Layout of one token's D-vector: the FIRST D/2 dims encode its column (w) index and the LAST D/2
 its row (h) index, because MAE builds `np.meshgrid(grid_w, grid_h)` ("w goes first"). Each half is

@@ -25,17 +25,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pipeline.loader import Loader
-from pipeline.manifest import load_manifest
-from pipeline.plan import add_plan_arguments, plan_config_from_args
-from maskserver.client import batch_generator
-from maskserver.strategies import plb_update
-from train.losses import LOSSES, per_head_loss_stats
-from train.masks import InloopMasks, RandomMasks, ServerMasks
-from train.metrics import MetricsLog
-from train.model import MaskedAutoencoderViT, create_model, load_encoder_weights, model_config, read_checkpoint
-from train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
-from train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
+from mimpipe.pipeline.loader import Loader
+from mimpipe.pipeline.manifest import load_manifest
+from mimpipe.pipeline.plan import add_plan_arguments, plan_config_from_args
+from mimpipe.maskserver.client import batch_generator
+from mimpipe.maskserver.strategies import plb_update
+from mimpipe.train.losses import LOSSES, per_head_loss_stats
+from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
+from mimpipe.train.metrics import MetricsLog
+from mimpipe.train.model import MaskedAutoencoderViT, create_model, load_encoder_weights, model_config, read_checkpoint
+from mimpipe.train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
+from mimpipe.train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
 log = logging.getLogger("mimpipe.train")
 CKPT_VERSION = 1
@@ -48,7 +48,7 @@ class TrainConfig:
     model: str = "mae_vit_tiny_patch8_64"
     masks: str = "random"            # random | inloop:<strategy> | tcp://host:port
     mask_ratio: float = 0.75
-    teacher_source: str | None = None  # default: the strategy's paper choice (METHODS.md)
+    teacher_source: str | None = None  # default: the strategy's paper choice (docs/methods.md)
     epochs: int = 1
     max_steps: int | None = None     # stop early (global optimizer-free iterations)
     batch_size: int = 64             # per rank
@@ -84,7 +84,7 @@ class TrainConfig:
     mto: float = 0.0
     mam: float = 0.0
     contrastive: float = 0.0
-    head_hidden: int = 4096          # LUT projector/predictor hidden width (METHODS 2.4)
+    head_hidden: int = 4096          # LUT projector/predictor hidden width (docs/methods.md 2.4)
     contrastive_tau: float = 0.2     # CAMAE Eq. 1
 
     @property
@@ -151,7 +151,7 @@ class Run:
             warm_start(self.model, cfg.init)
         self.model.to(self.device)
         self.ema.to(self.device)
-        # eval: the momentum projector's BN uses its (EMA'd) running statistics (METHODS 2.3)
+        # eval: the momentum projector's BN uses its (EMA'd) running statistics (docs/methods.md 2.3)
         self.ema.requires_grad_(False).eval()
         self.ema.load_state_dict({k: v for k, v in self.model.state_dict().items()
                                   if k in self.ema.state_dict()})
@@ -159,7 +159,7 @@ class Run:
                           gather=_all_gather if world > 1 else None, rank=rank)
         self.ddp = student if world == 1 else torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        # PLB (METHODS 5.3) for an in-loop idm source: p [M], last epoch's L^m, this epoch's sums
+        # PLB (docs/methods.md 5.3) for an in-loop idm source: p [M], last epoch's L^m, this epoch's sums
         M = mc.num_heads
         self.plb = {"p": None, "prev": None, "sum": torch.zeros(M, dtype=torch.float64),
                     "count": torch.zeros(M, dtype=torch.float64)}
@@ -208,7 +208,7 @@ class Run:
 
 def warm_start(model: MaskedAutoencoderViT, path: str) -> None:
     """--init: the student starts from a file's weights, with a fresh optimizer, schedule and
-    cursor (SBAM's recipe starts from a checkpoint pre-trained with random masks, METHODS 7 #4).
+    cursor (SBAM's recipe starts from a checkpoint pre-trained with random masks, docs/methods.md 7 #4).
     The file is a `mimpipe train` checkpoint, an MAE release checkpoint or a timm ViT: every encoder
     tensor must be there; decoder and loss heads are taken where the file has them, else stay fresh."""
     sd = read_checkpoint(path)
@@ -260,7 +260,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             loss, parts, per_image = compute_losses(run, batch, masks)
             (loss / cfg.accum).backward()
-            if per_image is not None:   # idm masks: PLB statistics (METHODS 5.3)
+            if per_image is not None:   # idm masks: PLB statistics (docs/methods.md 5.3)
                 plb_feedback(run, batch, masks, per_image)
             boundary = (run.it + 1) % cfg.accum == 0
             if boundary:
@@ -305,9 +305,9 @@ def compute_losses(run: Run, batch, masks):
     """One step's forward -> (total, parts {name: scalar}, per_image [N] or None).
 
     Gathers what the terms need besides the student: LUT's second view and its disjoint mask (drawn
-    with the batch's generator, so random masks give LUT's own permutation, METHODS 2.2); teacher
+    with the batch's generator, so random masks give LUT's own permutation, docs/methods.md 2.2); teacher
     targets from the mask source's extras (a server with --lut sends lut_t1/t2) or else from the EMA
-    encoder + projector here (METHODS 2.3: the same computation); MAM's gpa_target only from the
+    encoder + projector here (docs/methods.md 2.3: the same computation); MAM's gpa_target only from the
     mask source (the GPA teacher is the mask strategy's).
     """
     cfg, dev = run.cfg, run.device
@@ -322,7 +322,7 @@ def compute_losses(run: Run, batch, masks):
     skip = ()
     if cfg.mam and "gpa_target" not in targets:
         if not masks.fallback:
-            raise ValueError(f"--mam needs the mask source's 'gpa_target' (GPA values, METHODS 3.5): use "
+            raise ValueError(f"--mam needs the mask source's 'gpa_target' (GPA values, docs/methods.md 3.5): use "
                              f"--masks inloop:gpa or a server with --strategy gpa; --masks {cfg.masks!r} "
                              f"gave {sorted(masks.extras) or 'no extras'}")
         # the server missed this batch and random masks stand in: no GPA target, no MAM term
@@ -347,7 +347,7 @@ def plb_feedback(run: Run, batch, masks, per_image: torch.Tensor) -> None:
 
 
 def plb_epoch_end(run: Run) -> None:
-    """PLB (METHODS 5.3), in-loop source: p <- plb_update(p, epoch sums of all ranks), as
+    """PLB (docs/methods.md 5.3), in-loop source: p <- plb_update(p, epoch sums of all ranks), as
     maskserver/server.py does; the next epoch's idm masks sample heads from the new p."""
     if not isinstance(run.masks, InloopMasks):
         return

@@ -1,4 +1,4 @@
-"""Adaptive Masking Ratio (METHODS 1.3-1.4) [C doihye/SBAM models_mae.py `saliency_guided_masking`].
+"""Adaptive Masking Ratio (docs/methods.md 1.3-1.4) [C doihye/SBAM models_mae.py `saliency_guided_masking`].
 
 More salient area => higher ratio: r = r0 - Δ + 2Δ·c, c = fraction of patches with ŝ > δ.
 """
@@ -22,7 +22,7 @@ def amr_ratios(salience: Tensor, base_ratio: float = 0.75, ratio_var: float = 0.
     r is clamped to [0, 1] and len_keep = int(L*(1-r)) to [1, L] (a third-party port's guard; with
     the defaults r stays in [0.65, 0.85] and the clamps never act). Arithmetic is float64 so that
     the truncation equals Python's `int(L * (1 - r))` in `len_keep_for` for the same r.
-    Δ=0.1 and δ=0.5 are unverified against the paper (METHODS 7 #2: the release has no defaults).
+    Δ=0.1 and δ=0.5 are unverified against the paper (docs/methods.md 7 #2: the release has no defaults).
     """
     if mode not in AMR_MODES:
         raise ValueError(f"unknown amr mode {mode!r}; choose from {', '.join(AMR_MODES)}")

@@ -1,4 +1,4 @@
-"""GPA: global patch-wise attention scores and soft-to-hard masking (METHODS 3.2-3.5).
+"""GPA: global patch-wise attention scores and soft-to-hard masking (docs/methods.md 3.2-3.5).
 
 [C Lrbomchz/MM2024_GPA models_vit_teacher.py `forward_features` (score), models_GPA.py
 `prob_masking` "SP+RAND" (mask)]; [P] Eq. 5-6 and §3.4 (few-shot head choice, not in the code).
@@ -98,7 +98,7 @@ def gpa_target(g: Tensor) -> Tensor:
 
 
 def head_recall(scores_per_head: Tensor, fg: Tensor, n_mask: int | None) -> Tensor:
-    """Few-shot recall table [n_blocks, H] (METHODS 3.3).
+    """Few-shot recall table [n_blocks, H] (docs/methods.md 3.3).
 
     scores_per_head: [n', n_blocks, H, L] raw or normalized GPA of each block's heads for n'
     labeled images; fg: [n', L] bool, the annotated object patches M_gt. M_h = the top-k patches

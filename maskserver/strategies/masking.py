@@ -1,4 +1,4 @@
-"""The shared MAE masking path (METHODS 0.4) and the wire form of masks.
+"""The shared MAE masking path (docs/methods.md 0.4) and the wire form of masks.
 
 Every score-based strategy (SBAM, AMR, GPA, IDM, AttMask) ends here: it builds a per-patch score and
 keeps the `len_keep` lowest, exactly as MAE's `random_masking` keeps the lowest noise. This gives

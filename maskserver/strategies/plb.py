@@ -1,4 +1,4 @@
-"""PLB: loss-driven probabilities over attention heads for IDM (METHODS 5.3; CAMAE Eq. 4-5).
+"""PLB: loss-driven probabilities over attention heads for IDM (docs/methods.md 5.3; CAMAE Eq. 4-5).
 
 State is one vector p [M]; the trainer accumulates per-head loss sums/counts during an epoch (all-
 reduced across ranks) and calls `plb_update` once per epoch. Heads with higher loss get sampled more.
@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 def plb_sample(p: Tensor, N: int, *, generator: torch.Generator) -> Tensor:
-    """One head per image (METHODS 7 #16 default): p [M] -> heads [N] long, m ~ Categorical(p)."""
+    """One head per image (docs/methods.md 7 #16 default): p [M] -> heads [N] long, m ~ Categorical(p)."""
     return torch.multinomial(p, N, replacement=True, generator=generator)
 
 

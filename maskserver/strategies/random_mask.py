@@ -1,4 +1,4 @@
-"""MAE random masking (METHODS 0.4) [C facebookresearch/mae models_mae.py `random_masking`].
+"""MAE random masking (docs/methods.md 0.4) [C facebookresearch/mae models_mae.py `random_masking`].
 
 Named random_mask.py rather than random.py so that running anything from this folder can never
 shadow the standard library's `random`.

@@ -1,4 +1,4 @@
-"""SBAM salience-based masking (METHODS 1.1-1.2) [C doihye/SBAM models_mae.py `saliency_guided_masking`].
+"""SBAM salience-based masking (docs/methods.md 1.1-1.2) [C doihye/SBAM models_mae.py `saliency_guided_masking`].
 
 The salience is computed from the encoder *input* tokens (patch_embed + pos_embed[:, 1:], cls
 excluded, before masking): no transformer block, no q/k projections, no 1/sqrt(D).
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .masking import len_keep_for, mask_from_scores
 
-EPS = 1e-6  # the official code divides by (max - min) bare: NaN for a constant image (METHODS 1.1 [I])
+EPS = 1e-6  # the official code divides by (max - min) bare: NaN for a constant image (docs/methods.md 1.1 [I])
 
 
 @torch.no_grad()  # selection only goes through argsort: nothing to differentiate
