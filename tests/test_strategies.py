@@ -127,6 +127,54 @@ def test_amr_without_variation_is_sbam():
                        sbam_mask(sal, 0.75, generator=gen(5)))
 
 
+def official_len_keep(salience, base_mask_ratio, mask_ratio_var, delta, per_image=False):
+    """doihye/SBAM models_mae.py `saliency_guided_masking`, its K line for line (float32 torch ops).
+
+    per_image=True is the paper's per-sample r_b evaluated the same way (`y.float() / y_max`)."""
+    L = salience.shape[1]
+    y = (salience > delta).sum(dim=1)
+    y_max = salience.size(1)
+    y_normalized = y.float() / y_max if per_image else y.float().mean() / y_max
+    dynamic_mask_ratios = base_mask_ratio - mask_ratio_var + 2 * mask_ratio_var * y_normalized
+    if per_image:
+        return [int(L * (1 - r)) for r in dynamic_mask_ratios]
+    return int(L * (1 - dynamic_mask_ratios))
+
+
+def salience_with_counts(counts, L, g):
+    """ŝ [N, L] in [0, 1] with exactly counts[b] entries > 0.5 in row b, some sitting exactly on 0.5."""
+    sal = torch.rand(len(counts), L, generator=g) * 0.5  # < 0.5
+    sal[:, :: 7] = 0.5  # exactly δ: not salient (strict >)
+    for b, k in enumerate(counts):
+        sal[b, torch.randperm(L, generator=g)[:k]] = 0.5 + 0.5 * torch.rand(k, generator=g).clamp_min(1e-3)
+    return sal
+
+
+def test_amr_len_keep_equals_official_float32_truncation():
+    L, g = 196, gen(11)
+    # methods 1.3's hand case: L(1-r) is 68 exactly; float32 gives 68, float64 67.99... -> 67
+    sal = salience_with_counts([3], L, g)
+    assert amr_ratios(sal).tolist() == [official_len_keep(sal, 0.75, 0.1, 0.5)] == [68]
+    assert int(L * (1 - (0.65 + 0.2 * 3 / L))) == 67
+    # batch mode: every batch-total count of a 4-image batch (the 785 means of issue #14)
+    for total in range(4 * L + 1):
+        counts = [total // 4 + (b < total % 4) for b in range(4)]
+        sal = salience_with_counts(counts, L, g)
+        got = amr_ratios(sal, mode="batch")
+        assert got.tolist() == [official_len_keep(sal, 0.75, 0.1, 0.5)] * 4, (total, got)
+    # sample mode: every per-image count, in one batch
+    sal = salience_with_counts(list(range(L + 1)), L, g)
+    assert amr_ratios(sal, mode="sample").tolist() == official_len_keep(sal, 0.75, 0.1, 0.5, per_image=True)
+    # random batches of random sizes, other r0/Δ/δ
+    for i in range(300):
+        N = int(torch.randint(1, 65, (1,), generator=g))
+        sal = torch.rand(N, L, generator=g) ** float(torch.rand(1, generator=g) * 4 + 0.25)
+        r0, var, delta = [(0.75, 0.1, 0.5), (0.6, 0.15, 0.3), (0.8, 0.05, 0.7)][i % 3]
+        assert amr_ratios(sal, r0, var, delta, "batch").tolist() == [official_len_keep(sal, r0, var, delta)] * N
+        assert (amr_ratios(sal, r0, var, delta, "sample").tolist()
+                == official_len_keep(sal, r0, var, delta, per_image=True)), i
+
+
 # ---------------------------------------------------------------- GPA
 
 def explicit_gpa(q, k, exclude_self_cls):

@@ -20,18 +20,19 @@ def amr_ratios(salience: Tensor, base_ratio: float = 0.75, ratio_var: float = 0.
     mode='batch' (official code): one r from the batch mean of c_b, so every entry is equal.
     mode='sample' (paper): r_b from each image's own c_b.
     r is clamped to [0, 1] and len_keep = int(L*(1-r)) to [1, L] (a third-party port's guard; with
-    the defaults r stays in [0.65, 0.85] and the clamps never act). Arithmetic is float64 so that
-    the truncation equals Python's `int(L * (1 - r))` in `len_keep_for` for the same r.
+    the defaults r stays in [0.65, 0.85] and the clamps never act). c, r and L*(1-r) are float32
+    tensors computed in the official order (`y.float().mean() / y_max`, then the r expression, then
+    `int(L * (1 - r))` truncates): where L*(1-r) is an integer in exact arithmetic float32 and float64
+    truncate to different K (L=196, 3 salient patches: 68 vs 67), and the official K is float32's.
     Δ=0.1 and δ=0.5 are unverified against the paper (docs/methods.md 7 #2: the release has no defaults).
     """
     if mode not in AMR_MODES:
         raise ValueError(f"unknown amr mode {mode!r}; choose from {', '.join(AMR_MODES)}")
     N, L = salience.shape
-    c = (salience > delta).sum(dim=1).double() / L  # strict '>' as in the code
-    if mode == "batch":
-        c = c.mean().expand(N)
+    y = (salience > delta).sum(dim=1).float()  # strict '>' as in the code
+    c = (y.mean().expand(N) if mode == "batch" else y) / L  # official: mean first, then / y_max
     r = (base_ratio - ratio_var + 2 * ratio_var * c).clamp(0.0, 1.0)
-    return (L * (1 - r)).floor().long().clamp(1, L)
+    return (L * (1 - r)).long().clamp(1, L)  # .long() truncates toward zero, as int() does
 
 
 def amr_mask(salience: Tensor, base_ratio: float = 0.75, *, generator: torch.Generator,
@@ -40,7 +41,9 @@ def amr_mask(salience: Tensor, base_ratio: float = 0.75, *, generator: torch.Gen
     """SBAM masking with the AMR count: keep the len_keep[b] lowest ŝ + U(0, noise_scale).
 
     salience: [N, L]. Returns mask [N, L] bool, True = masked; row b has L - len_keep[b] masked
-    (recover len_keep as `(~mask).sum(1)`). ratio_var=0 is plain `sbam_mask(salience, base_ratio)`.
+    (recover len_keep as `(~mask).sum(1)`). ratio_var=0 is `sbam_mask(salience, base_ratio)` except
+    where the float32 K differs from `len_keep_for`'s float64 one (r0=0.6, L=50: 19 vs 20), as in
+    the official code.
     """
     len_keep = amr_ratios(salience, base_ratio, ratio_var, delta, mode)
     scores = sbam_scores(salience, generator=generator, noise_scale=noise_scale)
