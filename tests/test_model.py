@@ -1,5 +1,6 @@
 """Behaviour of train/model.py against docs/methods.md section 0 and timm's own ViT."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,6 +49,29 @@ def test_registry_names_sizes_and_error():
     with pytest.raises(ValueError) as e:
         model_config("mae_vit_bsae_patch16")
     assert all(name in str(e.value) for name in MODELS)
+
+
+def test_img_size_builds_the_variant_on_a_new_grid():
+    name = "mae_vit_tiny_patch8_64"
+    assert model_config(name, img_size=96) == replace(model_config(name), img_size=96)
+    assert model_config(name, None) == model_config(name)
+    torch.manual_seed(0)
+    model = create_model(name, img_size=96).eval()
+    assert model.cfg.num_patches == 144
+    want = torch.from_numpy(get_2d_sincos_pos_embed(192, 12, cls_token=True)).float()
+    assert torch.equal(model.pos_embed[0], want)
+    assert model.decoder_pos_embed.shape == (1, 145, 128)
+    imgs96 = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        loss, pred, mask = model(imgs96, generator=torch.Generator().manual_seed(3))
+        assert pred.shape == (2, 144, 8 * 8 * 3) and mask.shape == (2, 144)
+        assert (mask.sum(1) == 144 - 36).all()  # int(144 * 0.25) kept
+        assert torch.equal(model.forward_loss(imgs96, pred, mask), loss) and loss.isfinite()
+    assert create_model(name, encoder_only=True, img_size=96).pos_embed.shape == (1, 145, 192)
+    for bad in (95, 0, -8, 96.0):
+        with pytest.raises(ValueError, match=rf"^--img-size {bad!r}: must be a positive multiple of "
+                                             rf"{name}'s patch size 8$"):
+            create_model(name, img_size=bad)
 
 
 def test_encoder_only_has_only_timm_encoder_names(micro):
@@ -200,6 +224,44 @@ def test_variable_counts_equal_separate_forwards(micro, imgs):
             close(pred[b], pred_b[0], 1e-5, f"image {b} pred")
             sums.append(loss_b * n_mask[b])
     close(loss, sum(sums) / sum(n_mask), 1e-5, "global masked mean")
+
+
+def test_len_keep_path_equals_mask_read_path(micro, imgs):
+    mask = fixed_count_mask(3, [48, 48, 48], seed=6)
+    with torch.no_grad():
+        for pad_to in (None, 16 + 5):
+            read = micro.forward_encoder(imgs, mask=mask, pad_to=pad_to)
+            told = micro.forward_encoder(imgs, mask=mask, len_keep=16, pad_to=pad_to)
+            for what, a, b in zip(("latent", "mask", "ids_restore"), read, told):
+                assert torch.equal(a, b), (what, pad_to)
+        loss_r, pred_r, mask_r = micro(imgs, generator=torch.Generator().manual_seed(8))
+        loss_k, pred_k, mask_k = micro(imgs, mask=mask_r, len_keep=16)  # MAE: int(64 * 0.25)
+    assert torch.equal(mask_k, mask_r)
+    close(loss_k, loss_r, 1e-5, "loss")
+    close(pred_k, pred_r, 1e-5, "pred")
+
+
+def test_len_keep_path_reads_no_mask_values(micro, imgs):
+    """A meta tensor has no values, so any host read of one (.item, .tolist, bool) raises: the
+    CPU-side stand-in for torch.cuda.set_sync_debug_mode('error'), which needs a GPU."""
+    model = create_model("mae_vit_micro_patch8_64").to("meta")
+    x, mask = imgs.to("meta"), fixed_count_mask(3, [48, 48, 48], seed=6).to("meta")
+    for pad_to in (None, 16 + 5):
+        loss, pred, mask_out = model(x, mask=mask, len_keep=16, pad_to=pad_to)
+        assert loss.shape == () and pred.shape == (3, L, 8 * 8 * 3) and mask_out.shape == (3, L)
+    # a CPU mask is read on the CPU (checked for free) and only copied to the model's device
+    model(x, mask=fixed_count_mask(3, [48, 48, 48], seed=6), len_keep=16)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # without len_keep K must be read: one host sync
+        model(x, mask=mask)
+
+
+def test_len_keep_checked_against_a_cpu_mask(micro, imgs):
+    mask = fixed_count_mask(3, [48, 48, 40], seed=7)
+    with pytest.raises(ValueError, match="len_keep 16 given, but mask rows keep 16 to 24"):
+        micro(imgs, mask=mask, len_keep=16)
+    for bad in (0, L + 1, torch.tensor([16, 16, 24])):  # one int, not per-image counts
+        with pytest.raises(ValueError, match=r"len_keep .*: must be one int in \[1, L = 64\]"):
+            micro(imgs, mask=mask, len_keep=bad)
 
 
 # attention maps and truncated forward -------------------------------------------------------------

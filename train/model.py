@@ -87,15 +87,27 @@ MODELS = {f.__name__: f for f in (mae_vit_base_patch16, mae_vit_large_patch16, m
                                   mae_vit_small_patch16, mae_vit_tiny_patch8_64, mae_vit_micro_patch8_64)}
 
 
-def model_config(name: str, **overrides) -> ModelConfig:
-    """The ModelConfig of a registered variant, with field overrides (e.g. norm_pix_loss=False)."""
+def model_config(name: str, img_size: int | None = None, **overrides) -> ModelConfig:
+    """The ModelConfig of a registered variant, with field overrides (e.g. norm_pix_loss=False).
+
+    img_size (--img-size; None = the variant's own) is MAE's --input_size: the patch embed and the
+    fixed sin-cos pos embeds are built for the new grid, nothing is interpolated.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    return MODELS[name](**overrides)
+    cfg = MODELS[name](**overrides)
+    if img_size is None:
+        return cfg
+    if not isinstance(img_size, int) or img_size <= 0 or img_size % cfg.patch_size:
+        raise ValueError(f"--img-size {img_size!r}: must be a positive multiple of {name}'s patch size "
+                         f"{cfg.patch_size}")
+    return replace(cfg, img_size=img_size)
 
 
-def create_model(name: str, *, encoder_only: bool = False, **overrides) -> "MaskedAutoencoderViT":
-    return MaskedAutoencoderViT(model_config(name, **overrides), encoder_only=encoder_only)
+def create_model(name: str, img_size: int | None = None, *, encoder_only: bool = False,
+                 **overrides) -> "MaskedAutoencoderViT":
+    """The variant `name` built at img_size (see model_config)."""
+    return MaskedAutoencoderViT(model_config(name, img_size, **overrides), encoder_only=encoder_only)
 
 
 def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
@@ -150,17 +162,34 @@ def masking_from_shuffle(x: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: i
     return x_masked, mask, ids_restore
 
 
-def check_mask(mask: torch.Tensor, N: int, L: int) -> torch.Tensor:
-    """Validate an external mask [N, L] of 0/1 values (any dtype, 1 = masked) -> bool [N, L]."""
+def given_mask(mask: torch.Tensor, N: int, L: int, len_keep: int | None = None):
+    """Validate an external mask [N, L] of 0/1 values (any dtype, 1 = masked).
+
+    Returns (mask bool [N, L] on its own device, max and min kept count per row). len_keep: the
+    count every row keeps, where the caller knows it without reading the mask (random masks, AMR
+    batch mode, a server batch's equal len_keep). Reading a GPU mask's values is a host sync, so a
+    GPU mask with len_keep is taken on trust (server masks are checked on arrival by
+    maskserver/protocol.py, strategies build exact counts); a CPU mask is always checked, against
+    len_keep too, which costs the GPU nothing.
+    """
     if tuple(mask.shape) != (N, L):
         raise ValueError(f"mask shape {tuple(mask.shape)} != (N, L) = {(N, L)}")
-    if ((mask != 0) & (mask != 1)).any():
+    if len_keep is not None and not (isinstance(len_keep, int) and 1 <= len_keep <= L):
+        raise ValueError(f"len_keep {len_keep!r}: must be one int in [1, L = {L}], the count of every row")
+    if len_keep is not None and mask.device.type != "cpu":
+        return mask.bool(), len_keep, len_keep
+    kept = (mask == 0).sum(dim=1)
+    # host sync: K is a shape (paid only by a GPU mask without len_keep; one read for every check)
+    bad, k_max, k_min = torch.stack([((mask != 0) & (mask != 1)).any().long(), kept.max(),
+                                     kept.min()]).tolist()
+    if bad:
         raise ValueError("mask values must be 0/1 or bool (1/True = masked)")
-    mask = mask.bool()
-    if mask.all(dim=1).any():
-        rows = mask.all(dim=1).nonzero().flatten().tolist()
+    if k_min == 0:
+        rows = (kept == 0).nonzero().flatten().tolist()
         raise ValueError(f"mask rows {rows} mask every patch; each image must keep at least one")
-    return mask
+    if len_keep is not None and not k_min == k_max == len_keep:
+        raise ValueError(f"len_keep {len_keep} given, but mask rows keep {k_min} to {k_max} patches")
+    return mask.bool(), k_max, k_min
 
 
 def key_padding_mask(len_keep: torch.Tensor, slots: int) -> torch.Tensor:
@@ -242,7 +271,8 @@ class MaskedAutoencoderViT(nn.Module):
             torch.nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_weights)
 
-    def forward_encoder(self, imgs, mask_ratio=0.75, *, mask=None, generator=None, pad_to=None):
+    def forward_encoder(self, imgs, mask_ratio=0.75, *, mask=None, len_keep=None, generator=None,
+                        pad_to=None):
         """imgs [N, C, H, W] -> (latent [N, 1 + K, D], mask [N, L] float 1 = masked, ids_restore [N, L]).
 
         mask None: MAE random masking at mask_ratio, noise from `generator` (required).
@@ -251,26 +281,28 @@ class MaskedAutoencoderViT(nn.Module):
         1.4 (b)), K = max K_b (or pad_to) slots and every block masks the padded keys; latent slots
         past K_b are padding, which forward_decoder (given mask) replaces by mask_token. A fixed pad_to
         keeps shapes static across batches (torch.compile, CUDA graphs).
+        len_keep (int): every image keeps this many (see given_mask); then K is known without reading
+        the mask, and a CUDA step has no host sync. A CPU mask is checked on the CPU and copied
+        without blocking (a pinned one must not be overwritten before the step runs).
         """
         x = self.patch_embed(imgs)
         x = x + self.pos_embed[:, 1:, :]  # add pos embed w/o cls token
         N, L, _ = x.shape
         attn_mask = None
         if mask is None:
-            if generator is None:
-                raise ValueError("random masking needs generator=torch.Generator (or pass mask=)")
+            if generator is None or len_keep is not None:
+                raise ValueError("random masking needs generator=torch.Generator and no len_keep (or pass mask=)")
             x, mask, ids_restore = random_masking(x, mask_ratio, generator=generator)
         else:
-            mask = check_mask(mask.to(x.device), N, L)
-            len_keep = (~mask).sum(dim=1)  # [N]
-            k_max = int(len_keep.max())  # host sync: it is a shape
+            mask, k_max, k_min = given_mask(mask, N, L, len_keep)
+            mask = mask.to(x.device, non_blocking=True)  # a blocking copy would wait for the GPU
             slots = k_max if pad_to is None else pad_to
             if not k_max <= slots <= L:
                 raise ValueError(f"pad_to {pad_to} must lie in [max kept count {k_max}, L {L}]")
             ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)  # kept first
             x, _, ids_restore = masking_from_shuffle(x, ids_shuffle, slots)
-            if pad_to is not None or int(len_keep.min()) < slots:
-                attn_mask = key_padding_mask(len_keep, slots)
+            if pad_to is not None or k_min < slots:
+                attn_mask = key_padding_mask((~mask).sum(dim=1), slots)
             mask = mask.float()
         cls_tokens = (self.cls_token + self.pos_embed[:, :1, :]).expand(N, -1, -1)
         x = torch.cat((cls_tokens, x), dim=1)
@@ -311,13 +343,13 @@ class MaskedAutoencoderViT(nn.Module):
         """
         return mae_loss(patch_loss(pred, patchify(imgs, self.patch_size), self.norm_pix_loss), mask)
 
-    def forward(self, imgs, *, mask=None, mask_ratio=0.75, generator=None, pad_to=None):
+    def forward(self, imgs, *, mask=None, len_keep=None, mask_ratio=0.75, generator=None, pad_to=None):
         """imgs [N, C, H, W] -> (loss, pred [N, L, p*p*C], mask [N, L] float 1 = masked).
 
         Keyword-only so MAE's positional `model(imgs, 0.75)` fails loudly instead of being a mask.
         """
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, mask=mask, generator=generator,
-                                                         pad_to=pad_to)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, mask=mask, len_keep=len_keep,
+                                                         generator=generator, pad_to=pad_to)
         pred = self.forward_decoder(latent, ids_restore, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
