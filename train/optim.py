@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, m: float) -> None:
     """ξ <- m ξ + (1 - m) θ over the whole state dict, floating buffers (BN stats) included;
-    `ema` holds a subset of `model`'s names (the encoder without the decoder)."""
+    `ema` holds a subset of `model`'s names (the encoder without the decoder).
+
+    One foreach lerp, ξ + (1 - m)(θ - ξ), over every floating tensor: torch's public EMA kernel
+    (swa_utils.get_ema_multi_avg_fn), a few launches per step instead of two per tensor."""
     src = model.state_dict()
+    ema_floats, model_floats = [], []
     for k, v in ema.state_dict().items():
         if v.dtype.is_floating_point:
-            v.mul_(m).add_(src[k].detach(), alpha=1.0 - m)
+            ema_floats.append(v)
+            model_floats.append(src[k])
         else:
-            v.copy_(src[k])
+            v.copy_(src[k])  # integer buffers (BN's num_batches_tracked) are copied
+    if ema_floats:
+        get_ema_multi_avg_fn(m)(ema_floats, model_floats, None)
