@@ -20,6 +20,13 @@ from PIL import Image
 
 from mimpipe.pipeline.color import color_augment
 
+# The loader refuses (on_error) a sample whose stored width x height exceeds this, before decoding:
+# 16 MP is 48 MB as decoded RGB. `mimpipe shard` caps images at 4 MP by default
+# (tools/shard.py DEFAULT_MAX_PIXELS), so every default-sharded sample passes with 4x headroom for
+# datasets sharded with a larger --max-pixels; what lies beyond is a dataset no trainer should
+# decode by accident (8 images of 144 MP took a trainer to 3 GB).
+MAX_DECODE_PIXELS = 16 * 1024 * 1024
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -153,7 +160,8 @@ def make_decoder(name: str, **kw):
 
 def check_decodable(data: np.ndarray) -> str | None:
     """None if PIL decodes `data` fully, else the cause (used to find the culprit of a failed
-    batch; shards written by `mimpipe shard` were validated, so this runs only on damage)."""
+    batch, and to vet a replacement; the bytes have passed their checksum by then, so a failure
+    here means the sharder stored something a decoder rejects)."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as im:
             im.load()

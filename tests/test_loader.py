@@ -18,7 +18,7 @@ from mimpipe.pipeline.decode import DecodeError
 from mimpipe.pipeline.loader import Loader
 from mimpipe.pipeline.manifest import load_manifest
 from mimpipe.pipeline.plan import PlanConfig, ViewConfig
-from mimpipe.pipeline.reader import ReadError, ShardReader
+from mimpipe.pipeline.reader import ChecksumError, ReadError, ShardReader
 
 CFG = PlanConfig(seed=2, batch_size=16, img_size=48, views=(ViewConfig(), ViewConfig(crop="src", color=True)))
 
@@ -102,20 +102,53 @@ def test_another_process_decodes_identical_pixels(m, sample_ds, tmp_path):
     assert np.array_equal(np.load(tmp_path / "x.npy"), np.concatenate([b.images.numpy(), b.view2.numpy()]))
 
 
+def _overwrite(m, sample_id: int, data: bytes) -> None:
+    """Replace the jpg bytes of one sample in its shard, keeping the size (the manifest still
+    verifies: damage only the bytes themselves reveal)."""
+    assert len(data) <= int(m.table["size"][sample_id])
+    with open(m.shard_path(m.table["shard"][sample_id]), "r+b") as f:
+        f.seek(int(m.table["offset"][sample_id]))
+        f.write(data)
+
+
 @pytest.fixture
 def damaged(sample_ds, tmp_path):
-    """A copy of the dataset whose sample 7 no longer starts with a JPEG header (same size, so
-    the manifest still verifies: damage that only decoding reveals)."""
+    """A copy of the dataset whose sample 7 no longer starts with a JPEG header."""
     shutil.copytree(sample_ds, tmp_path / "ds")
     m = load_manifest(tmp_path / "ds")
-    with open(m.shard_path(m.table["shard"][7]), "r+b") as f:
-        f.seek(int(m.table["offset"][7]))
-        f.write(b"\0" * 64)
+    _overwrite(m, 7, b"\0" * 64)
     return m
 
 
+@pytest.fixture
+def garbage(sample_ds, tmp_path):
+    """Sample 7 = FF D8 FF + random bytes, same size: what crashed DALI (SIGSEGV) before the
+    reader checked each sample's crc32."""
+    shutil.copytree(sample_ds, tmp_path / "ds")
+    m = load_manifest(tmp_path / "ds")
+    bad = b"\xff\xd8\xff" + np.random.default_rng(0).bytes(int(m.table["size"][7]) - 3)
+    _overwrite(m, 7, bad)
+    return m, bad
+
+
+def spied_batches(m, never: bytes, **kw):
+    """batches(), with a decoder that fails the test if it is ever handed `never`."""
+    loader = Loader(m, CFG, **kw)
+    real = loader.decoder.decode
+
+    def decode(encoded, views):
+        assert all(e.tobytes() != never for e in encoded), "bytes that fail their checksum reached the decoder"
+        return real(encoded, views)
+    loader.decoder.decode = decode
+    try:
+        return [replace(b, images=b.images.clone(), view2=b.view2.clone()) for b in loader.epoch(0)]
+    finally:
+        loader.close()
+
+
 def test_corrupt_sample_raises_naming_shard_and_key(damaged):
-    with pytest.raises(DecodeError, match=rf"sample-00000\d\.tar: sample '{damaged.key(7)}': cannot decode"):
+    with pytest.raises(DecodeError, match=rf"sample-00000\d\.tar: sample '{damaged.key(7)}': jpg bytes "
+                                          r"fail their checksum"):
         batches(damaged, epoch=0)
 
 
@@ -126,6 +159,97 @@ def test_corrupt_sample_skipped_is_replaced_the_same_way_everywhere(damaged):
         assert 7 not in ids and ids.count(8) >= 2 and sum(b.replaced for b in run) == 1
     assert all(torch.equal(a.sample_ids, b.sample_ids) for a, b in zip(runs[0], runs[2]))
     assert all(torch.equal(a.images, b.images) for a, b in zip(runs[0], runs[2]))
+
+
+@pytest.mark.parametrize("decoder", ["dali", "pil"])
+def test_garbage_bytes_never_reach_the_decoder(garbage, decoder):
+    m, bad = garbage
+    with pytest.raises(DecodeError, match=rf"sample-00000\d\.tar: sample '{m.key(7)}': jpg bytes fail"):
+        spied_batches(m, bad, decoder=decoder)
+    run = spied_batches(m, bad, decoder=decoder, on_error="skip")
+    ids = torch.cat([b.sample_ids for b in run]).tolist()
+    assert 7 not in ids and ids.count(8) >= 2 and sum(b.replaced for b in run) == 1
+
+
+def test_damage_that_passes_the_checksum_still_takes_the_decode_error_path(damaged):
+    """A table whose crc matches undecodable bytes (a sharder bug, not damage): the decoder's
+    failure is traced to the sample by PIL and handled the same way."""
+    import zlib
+    t = damaged.table.copy()
+    with open(damaged.shard_path(t["shard"][7]), "rb") as f:
+        f.seek(int(t["offset"][7]))
+        t["crc"][7] = zlib.crc32(f.read(int(t["size"][7])))
+    np.save(damaged.root / "samples.npy", t, allow_pickle=False)
+    m = load_manifest(damaged.root)
+    with pytest.raises(DecodeError, match=rf"sample '{m.key(7)}': cannot decode"):
+        batches(m, epoch=0)
+    run = batches(m, epoch=0, on_error="skip", decoder="pil")
+    assert 7 not in torch.cat([b.sample_ids for b in run]).tolist() and sum(b.replaced for b in run) == 1
+
+
+def test_a_damaged_json_fails_its_checksum_on_read(sample_ds, tmp_path):
+    shutil.copytree(sample_ds, tmp_path / "ds")
+    m = load_manifest(tmp_path / "ds")
+    with open(m.shard_path(m.table["shard"][3]), "r+b") as f:
+        f.seek(int(m.table["meta_offset"][3]) + 2)
+        f.write(b"#")
+    with ShardReader(m) as r:
+        assert r.read_one(3).size == m.table["size"][3]                   # the jpg is intact
+        with pytest.raises(ChecksumError, match=rf"sample '{m.key(3)}': json bytes fail their checksum"):
+            r.read_one(3, meta=True)
+
+
+@pytest.fixture(scope="module")
+def one_big(tmp_path_factory):
+    """16 images of 64x48 and one of 300x200 (sample id 0: 'a/big.jpg')."""
+    from tests.conftest import jpeg_bytes, picture
+    from mimpipe.tools.shard import ShardConfig, scan_folder, shard_items
+    root = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(0)
+    (root / "src" / "a").mkdir(parents=True)
+    (root / "src" / "a" / "big.jpg").write_bytes(jpeg_bytes(picture(rng, 300, 200)))
+    for i in range(16):
+        (root / "src" / "a" / f"s{i:02d}.jpg").write_bytes(jpeg_bytes(picture(rng, 64, 48)))
+    items, classes, _ = scan_folder(root / "src")
+    shard_items(items, classes, root / "ds", ShardConfig(name="b", shard_bytes=None, samples_per_shard=6),
+                progress=False)
+    m = load_manifest(root / "ds")
+    assert (m.table["width"][0], m.table["height"][0]) == (300, 200)
+    return m
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding(one_big):
+    m = one_big
+    cfg = PlanConfig(seed=0, batch_size=8, img_size=32, views=(ViewConfig(),))
+    big = bytes(ShardReader(m).read_one(0))
+
+    def run(**kw):
+        loader = Loader(m, cfg, decoder="pil", max_pixels=64 * 48, **kw)
+        real = loader.decoder.decode
+
+        def decode(encoded, views):
+            assert all(e.tobytes() != big for e in encoded), "an image over the cap reached the decoder"
+            return real(encoded, views)
+        loader.decoder.decode = decode
+        try:
+            return list(loader.epoch(0))
+        finally:
+            loader.close()
+    with pytest.raises(DecodeError, match=rf"b-00000\d\.tar: sample '{m.key(0)}': 300x200 = 60000 pixels, "
+                                          r"more than the decode cap of 3072"):
+        run()
+    out = run(on_error="skip")
+    ids = torch.cat([b.sample_ids for b in out]).tolist()
+    assert 0 not in ids and sum(b.replaced for b in out) == 1 and ids.count(1) >= 2
+    assert sum(b.replaced for b in batches_of(m, cfg)) == 0          # the default cap (16 MP) lets it in
+
+
+def batches_of(m, cfg):
+    loader = Loader(m, cfg, decoder="pil")
+    try:
+        return list(loader.epoch(0))
+    finally:
+        loader.close()
 
 
 def test_truncated_shard_read_names_shard_and_key(sample_ds, tmp_path):

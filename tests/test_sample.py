@@ -49,3 +49,18 @@ def test_ensure_keeps_current_rebuilds_older_refuses_foreign(tmp_path, monkeypat
     assert (foreign / "manifest.json").exists()
     sample.ensure(tmp_path / "missing")
     assert built == [older, tmp_path / "missing"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--n", "0"], "argument --n: '0' is not allowed: expected an integer >= 1"),
+    (["--n", "-5"], "argument --n: '-5' is not allowed: expected an integer >= 1"),
+    (["--size", "30"], "argument --size: '30' is not allowed: expected a multiple of 4, at least 16"),
+    (["--samples-per-shard", "0"], "argument --samples-per-shard: '0' is not allowed: expected an integer >= 1"),
+])
+def test_bad_sample_flags_are_one_line_and_exit_2(tmp_path, args, says):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "mimpipe.tools.cli", "sample", str(tmp_path / "out"), *args],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(says), r.stderr
+    assert not (tmp_path / "out").exists()

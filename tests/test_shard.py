@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -244,3 +245,141 @@ def test_parse_size():
     assert parse_size("1GB") == 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size("100") == 100
     with pytest.raises(ValueError, match="bad size"):
         parse_size("12XB")
+
+
+# -- caps, odd file names, OUT inside SRC, labels, bad flags -------------------------------------
+
+def test_fit_size_keeps_aspect_and_never_exceeds_either_cap():
+    from mimpipe.tools.imagecheck import fit_size
+    assert fit_size(300, 200, 100, None) == (100, 67)            # what --max-side always gave
+    assert fit_size(300, 200, None, None) == (300, 200) == fit_size(300, 200, 300, 60_000)
+    for w, h, side, px in [(14_700, 9_800, None, 4 * 2**20), (12_000, 12_000, None, 4 * 2**20),
+                           (5_000, 3, None, 1_000), (3, 5_000, 100, 1_000), (4_001, 2_999, 1_000, 500_000),
+                           (1_000_000, 1, None, 10)]:
+        fw, fh = fit_size(w, h, side, px)
+        assert fw * fh <= px and (side is None or max(fw, fh) <= side), (w, h, fw, fh)
+        assert fw >= 1 and fh >= 1
+        if min(fw, fh) > 10:
+            assert abs(fw / fh - w / h) < 0.01 * (w / h), (w, h, fw, fh)   # aspect kept
+    assert fit_size(14_700, 9_800, None, 4 * 2**20)[0] > 2_400   # fills the cap, not a power-of-2 cut
+
+
+def test_max_pixels_downscales_counted_as_converted(tmp_path):
+    from mimpipe.tools.imagecheck import fit_size
+    rng = np.random.default_rng(4)
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"big.jpg": (800, 600), "tall.png": (120, 900), "small.jpg": (60, 40)}
+    for name, (w, h) in sizes.items():
+        a = picture(rng, w, h)
+        if name.endswith(".png"):
+            Image.fromarray(a).save(src / name)
+        else:
+            (src / name).write_bytes(jpeg_bytes(a))
+    cap = 50_000
+    report = shard(src, tmp_path / "out", ShardConfig(name="p", shard_bytes=None, samples_per_shard=2,
+                                                      max_pixels=cap))
+    m = load_manifest(tmp_path / "out")
+    why = {c["path"]: c["why"] for c in report["conversions"]}
+    assert report["converted"] == 2 and set(why) == {"big.jpg", "tall.png"}
+    assert f"over {cap} pixels" in why["big.jpg"] and "format PNG" in why["tall.png"]
+    for i in range(len(m)):
+        meta = json.loads(read_member(m, m.table["shard"][i], m.table["meta_offset"][i], m.table["meta_size"][i]))
+        data = read_member(m, m.table["shard"][i], m.table["offset"][i], m.table["size"][i])
+        got = Image.open(io.BytesIO(data)).size
+        assert got == (m.table["width"][i], m.table["height"][i]) == fit_size(*sizes[meta["source"]], None, cap)
+        assert got[0] * got[1] <= cap and (meta["width"], meta["height"]) == sizes[meta["source"]]
+    assert (src / "small.jpg").read_bytes() in [read_member(m, m.table["shard"][i], m.table["offset"][i],
+                                                            m.table["size"][i]) for i in range(len(m))]
+
+
+def test_default_pixel_cap_catches_a_huge_photo(tmp_path):
+    from mimpipe.tools.imagecheck import check_image
+    from mimpipe.tools.shard import DEFAULT_MAX_PIXELS
+    assert ShardConfig().max_pixels == DEFAULT_MAX_PIXELS == 4 * 1024 * 1024
+    raw = jpeg_bytes(np.full((1600, 3200, 3), 128, np.uint8))   # 5.1 MP, flat: small and quick
+    c = check_image(raw, max_pixels=DEFAULT_MAX_PIXELS)
+    assert c.converted and c.stored[0] * c.stored[1] <= DEFAULT_MAX_PIXELS and c.stored[0] == 2 * c.stored[1]
+    assert Image.open(io.BytesIO(c.data)).size == c.stored and (c.width, c.height) == (3200, 1600)
+
+
+def test_a_non_utf8_file_name_is_skipped_with_its_path_shown(tmp_path):
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"ok{i}.jpg").write_bytes(jpeg_bytes(picture(rng, 40, 30)))
+    with open(os.path.join(os.fsencode(src), b"caf\xe9.jpg"), "wb") as f:   # Latin-1 name
+        f.write(jpeg_bytes(picture(rng, 40, 30)))
+    report = shard(src, tmp_path / "out")
+    assert report["inputs"] == 4 and report["written"] == 3
+    assert report["skipped"] == [{"path": "caf\\xe9.jpg", "reason": "file name is not valid UTF-8; rename it"}]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"] == report["skipped"]
+    assert len(load_manifest(tmp_path / "out")) == 3
+
+
+def test_out_inside_src_is_not_scanned_so_resume_and_a_second_dataset_work(tmp_path):
+    src = tmp_path / "src"
+    make_image_folder(src, n_good=6, seed=6)
+    out = src / "shards"
+    items, classes, _ = scan_folder(src, exclude=out)
+    shard_items(items, classes, out, CFG, source=str(src), progress=False)
+    again, classes2, layout = scan_folder(src, exclude=out)          # what --resume rescans
+    assert [i.relpath for i in again] == [i.relpath for i in items] and classes2 == classes
+    assert layout == "classes" and "shards" not in classes2
+    other, classes3, _ = scan_folder(src, exclude=src / "shards-v2")   # a new OUT: the old one is skipped too
+    assert [i.relpath for i in other] == [i.relpath for i in items] and classes3 == classes
+    with pytest.raises(ShardError, match="OUT is the source folder"):
+        scan_folder(src, exclude=src)
+
+
+def test_files_missing_from_labels_are_counted(tmp_path):
+    rng = np.random.default_rng(7)
+    src = tmp_path / "val"
+    src.mkdir()
+    for i in range(4):
+        (src / f"v{i}.jpg").write_bytes(jpeg_bytes(picture(rng, 40, 30)))
+    (tmp_path / "l.csv").write_text("v0.jpg,a\nv1.jpg,b\nv3.jpg,a\n")
+    r = _cli("shard", src, tmp_path / "out", "--labels", tmp_path / "l.csv")
+    assert r.returncode == 0, r.stderr
+    assert "1 of 4 files have no label" in r.stderr and "v2.jpg" in r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["unlabeled"] == 1 and report["unlabeled_paths"] == ["v2.jpg"]
+    assert "1 without a label" in r.stdout
+    m = load_manifest(tmp_path / "out")
+    assert sorted(m.table["label"].tolist()) == [-1, 0, 0, 1]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mimpipe.tools.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--samples-per-shard", "-3"], "argument --samples-per-shard: '-3' is not allowed: expected an integer >= 1"),
+    (["--samples-per-shard", "0"], "argument --samples-per-shard: '0' is not allowed: expected an integer >= 1"),
+    (["--max-side", "0"], "argument --max-side: '0' is not allowed: expected an integer >= 1"),
+    (["--max-pixels", "x"], "argument --max-pixels: 'x' is not allowed: expected an integer >= 1"),
+    (["--workers", "0"], "argument --workers: '0' is not allowed"),
+    (["--shard-size", "12XB"], "argument --shard-size: bad size '12XB'"),
+    (["--name", "../up"], "argument --name: '../up' is not allowed"),
+])
+def test_bad_shard_flags_are_one_line_and_exit_2(tmp_path, args, says):
+    (tmp_path / "src").mkdir()
+    r = _cli("shard", tmp_path / "src", tmp_path / "out", *args)
+    assert r.returncode == 2 and says in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [r.stderr.splitlines()[-1]]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_without_images_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _cli("shard", tmp_path / "empty", tmp_path / "out")
+    assert r.returncode == 2 and "no files to shard" in r.stderr.strip().splitlines()[-1]
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("not an image")
+    r = _cli("shard", tmp_path / "text", tmp_path / "out2")
+    assert r.returncode == 2 and "none of the 1 files is an image" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "out2" / "report.json").read_text())["skipped"][0]["path"] == "a.txt"
+    assert not (tmp_path / "out2" / "manifest.json").exists()
+    assert not (tmp_path / "out2" / ".mimpipe-partial").exists()   # a plain rerun starts fresh

@@ -2,12 +2,15 @@
 
 An RGB JPEG that decodes completely is stored byte for byte (re-encoding would cost quality and
 time for nothing). Everything else a decoder downstream might trip over (PNG, CMYK, grayscale,
-16-bit, palette, EXIF-rotated, other formats) becomes an RGB JPEG at quality 95. Empty, truncated,
-corrupt and non-image inputs raise BadImage with the reason that goes into the report.
+16-bit, palette, EXIF-rotated, other formats) becomes an RGB JPEG at quality 95, and so does an
+image larger than the caps (`max_side` px on its longer side, `max_pixels` in all), downscaled to
+fit them. Empty, truncated, corrupt and non-image inputs raise BadImage with the reason that goes
+into the report.
 """
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,22 +34,50 @@ class Checked:
     why: str             # what conversion happened, '' if stored as is
 
 
-def check_image(raw: bytes, *, max_side: int | None = None) -> Checked:
+def fit_size(width: int, height: int, max_side: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """(width, height) scaled down, aspect kept, until the longer side is at most max_side and
+    width x height at most max_pixels (unchanged if it already fits)."""
+    s = 1.0
+    if max_side is not None and max(width, height) > max_side:
+        s = max_side / max(width, height)
+    if max_pixels is not None and width * height > max_pixels:
+        s = min(s, math.sqrt(max_pixels / (width * height)))
+    if s >= 1.0:
+        return width, height
+    w, h = max(1, round(width * s)), max(1, round(height * s))
+    if max_pixels is not None and w * h > max_pixels:   # rounding up crossed the cap
+        w, h = max(1, math.floor(width * s)), max(1, math.floor(height * s))
+        if w * h > max_pixels:   # a side clamped to 1 px: a sliver of an image
+            w, h = (max(1, max_pixels // h), h) if w >= h else (w, max(1, max_pixels // w))
+    if max_side is not None:
+        w, h = min(w, max_side), min(h, max_side)
+    return w, h
+
+
+def check_image(raw: bytes, *, max_side: int | None = None, max_pixels: int | None = None) -> Checked:
     if not raw:
         raise BadImage("empty file")
     fmt, reasons = None, []
     try:
         im = Image.open(io.BytesIO(raw))
         fmt, (width, height) = im.format, im.size
-        rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
-        too_big = max_side is not None and max(width, height) > max_side
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+        rotated = orientation not in (0, 1)
+        target = fit_size(width, height, max_side, max_pixels)
         reasons = [r for r, bad in (
             (f"format {fmt}", fmt != "JPEG"), (f"mode {im.mode}", im.mode != "RGB"),
-            ("EXIF orientation", rotated), (f"larger than {max_side} px", too_big)) if bad]
+            ("EXIF orientation", rotated),
+            (f"longer side over {max_side} px", max_side is not None and max(width, height) > max_side),
+            (f"over {max_pixels} pixels", max_pixels is not None and width * height > max_pixels))
+            if bad]
         if not reasons:
             # a JPEG stored as is needs no pixels, only proof that every entropy-coded byte
             # decodes: libjpeg's 1/8 scaled decode reads them all at a fraction of the IDCT cost
             im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        elif target != (width, height) and fmt == "JPEG":
+            # downscaling a JPEG: decode at the smallest DCT scale still >= the target (a 144 MP
+            # photo is never held at full size); it still reads every entropy-coded byte
+            im.draft(None, target)
         im.load()   # Image.open alone does not notice truncation
     except UnidentifiedImageError:
         raise BadImage("not an image (unrecognized format)") from None
@@ -57,8 +88,9 @@ def check_image(raw: bytes, *, max_side: int | None = None) -> Checked:
     if not reasons:
         return Checked(raw, width, height, (width, height), False, "")
     im = _to_rgb(ImageOps.exif_transpose(im) if rotated else im)
-    if too_big:
-        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    if target != (width, height):   # target is in source orientation; both caps ignore rotation
+        # EXIF orientations 5-8 turn the image a quarter: its sides swap
+        im = im.resize(target[::-1] if orientation in (5, 6, 7, 8) else target, Image.Resampling.BICUBIC)
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=QUALITY)
     return Checked(out.getvalue(), width, height, im.size, True, ", ".join(reasons))

@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mimpipe.tools.argtypes import nonneg_int, positive_int
 from mimpipe.tools.shard import ShardConfig, shard_items, summary
 
 CLASSES = ("disk", "square", "triangle", "diamond", "cross", "ring", "star", "hexagon",
            "crescent", "bar")
 CELL = 4
 JPEG_QUALITY = 90
-# recorded as the manifest's source: bump when render() changes, so `ensure` rebuilds older sets
-GENERATOR = "mimpipe sample v2"
+# recorded as the manifest's source: bump when render() or the dataset format changes, so `ensure`
+# rebuilds older sets (v3: same images, dataset format 2 with per-sample checksums)
+GENERATOR = "mimpipe sample v3"
 
 
 def _polygon(u, v, n):
@@ -129,19 +131,27 @@ class SampleItem:
         return buf.getvalue(), {"fg": fg_cells(fg)}
 
 
+def image_side(s: str) -> int:
+    """--size: a multiple of CELL, at least 16 px (the foreground cells must tile the image)."""
+    v = positive_int(s)
+    if v % CELL or v < 16:
+        raise argparse.ArgumentTypeError(f"{s!r} is not allowed: expected a multiple of {CELL}, at least 16")
+    return v
+
+
 def add_arguments(p) -> None:
     p.add_argument("out", type=Path, nargs="?", default=Path("shards/sample"),
                    help="output folder (default shards/sample)")
-    p.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
-    p.add_argument("--size", type=int, default=96, help="image side in px, multiple of 4 (default 96)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--samples-per-shard", type=int, default=250)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--n", type=positive_int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--size", type=image_side, default=96, help="image side in px, multiple of 4 (default 96)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--samples-per-shard", type=positive_int, default=250)
+    p.add_argument("--workers", type=positive_int, default=1)
     p.add_argument("--resume", action="store_true")
 
 
 def main(args) -> int:
-    if args.size % CELL or args.size < 16:
+    if args.size % CELL or args.size < 16:   # main() is also called with hand-made args
         raise SystemExit(f"--size {args.size}: must be a multiple of {CELL}, at least 16")
     items = [SampleItem(args.seed, i, args.size) for i in range(args.n)]
     cfg = ShardConfig(name="sample", shard_bytes=None, samples_per_shard=args.samples_per_shard,

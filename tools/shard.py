@@ -8,10 +8,12 @@ keys are pure functions of the inputs and options, the result equals an uninterr
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import json
 import multiprocessing
+import os
 import re
 import shutil
 import sys
@@ -25,12 +27,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from mimpipe.pipeline.manifest import MANIFEST, SAMPLE_DTYPE, Shard, write_manifest
+from mimpipe.pipeline.manifest import MANIFEST, SAMPLE_DTYPE, TABLE, Shard, write_manifest
+from mimpipe.tools.argtypes import nonneg_int, positive_int
 from mimpipe.tools.imagecheck import BadImage, check_image
 from mimpipe.tools.tario import finished_size, index_text, member_sizes_bytes, write_shard
 
 PARTIAL = ".mimpipe-partial"
 LABEL_HEADERS = {"filename", "file", "image", "imageid", "image_id", "path", "name"}
+# Images with more pixels are downscaled to fit (counted as converted). 4 MP (2048 x 2048, 12 MB
+# as decoded RGB) keeps every crop a pre-training plan draws oversampled: MAE's smallest RRC crop
+# (20% of the area) of a 4 MP image is ~900 px wide, twice a 448-px model input, and ImageNet's
+# photos (~0.1-0.5 MP) are far below it; a 144 MP photo would cost 432 MB per decode instead.
+DEFAULT_MAX_PIXELS = 4 * 1024 * 1024
 
 
 class ShardError(RuntimeError):
@@ -44,16 +52,19 @@ class ShardConfig:
     samples_per_shard: int | None = None
     workers: int = 1
     max_side: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     seed: int = 0
 
 
 @dataclass(frozen=True)
 class FileItem:
-    """One input file. `read` returns its bytes and extra metadata for KEY.json."""
+    """One input file. `read` returns its bytes and extra metadata for KEY.json. `problem`: why
+    the file cannot be stored, found while scanning (skipped with that reason, never read)."""
     root: str
     relpath: str
     label: int
     class_name: str
+    problem: str = ""
 
     def read(self) -> tuple[bytes, dict]:
         return (Path(self.root) / self.relpath).read_bytes(), {}
@@ -67,15 +78,45 @@ def sample_key(relpath: str) -> str:
 
 # -- scanning ---------------------------------------------------------------------------------
 
-def scan_folder(src: Path, labels: Path | None = None, classes: Path | None = None):
+def scan_folder(src: Path, labels: Path | None = None, classes: Path | None = None, *,
+                exclude: Path | None = None):
     """-> (items sorted by relpath, class names, layout). Layouts: `labels` (flat folder + a
     `filename,label` file, ImageNet-val style), `classes` (one sub-folder per class, ImageNet-train
-    style), `any` (every file below SRC, unlabeled, label -1)."""
+    style), `any` (every file below SRC, unlabeled, label -1). Hidden files and folders and
+    `exclude` (OUT, when it lies inside SRC) are not scanned. A file whose name is not valid UTF-8
+    becomes an item with a `problem` (skipped, its path shown with \\x escapes)."""
     src = Path(src)
     if not src.is_dir():
         raise ShardError(f"{src}: not a folder")
-    files = sorted(str(p.relative_to(src)) for p in src.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts))
+    skip_dir = None
+    if exclude is not None:
+        if Path(exclude).resolve() == src.resolve():
+            raise ShardError(f"{exclude}: OUT is the source folder SRC; choose another OUT")
+        skip_dir = Path(exclude).resolve()
+    files, bad_names = [], []
+    for dirpath, dirs, names in os.walk(src):
+        if dirpath != str(src) and _is_dataset_folder(Path(dirpath), names):
+            # an earlier run's OUT inside SRC: its shards are not inputs (nor its name a class)
+            print(f"{dirpath}: holds mimpipe shards, not scanned", file=sys.stderr)
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if not d.startswith(".")
+                   and (skip_dir is None or Path(dirpath, d).resolve() != skip_dir)]
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if n.startswith(".") or not os.path.isfile(p):
+                continue
+            rel = os.path.relpath(p, src)
+            try:
+                rel.encode("utf-8")
+            except UnicodeEncodeError:   # undecodable bytes, kept by Python as surrogates
+                bad_names.append(rel)
+                continue
+            files.append(rel.replace(os.sep, "/"))
+    files.sort()
+    if not files and not bad_names:
+        raise ShardError(f"{src}: no files to shard (hidden files" + (" and OUT" if skip_dir else "")
+                         + " are not scanned)")
     if labels is not None:
         files = [f for f in files if (src / f).resolve() != Path(labels).resolve()]
         by_file = _read_labels(Path(labels))
@@ -95,7 +136,15 @@ def scan_folder(src: Path, labels: Path | None = None, classes: Path | None = No
         if c is not None and c not in index:
             raise ShardError(f"{src / f}: class {c!r} is not in the class list")
         items.append(FileItem(str(src), f, index.get(c, -1), c or ""))
+    for rel in bad_names:
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace").replace(os.sep, "/")
+        items.append(FileItem(str(src), shown, -1, "", problem="file name is not valid UTF-8; rename it"))
+    items.sort(key=lambda i: i.relpath)
     return items, names, layout
+
+
+def _is_dataset_folder(folder: Path, names: list[str]) -> bool:
+    return ({MANIFEST, TABLE} <= set(names)) or (folder / PARTIAL).is_dir()
 
 
 def _read_labels(path: Path) -> dict[str, str]:
@@ -109,6 +158,8 @@ def _read_labels(path: Path) -> dict[str, str]:
             if len(row) < 2 or not row[1].split():
                 raise ShardError(f"{path}:{n + 1}: expected 'filename,label', got {row!r}")
             out[row[0].strip()] = row[1].split()[0]
+    if not out:
+        raise ShardError(f"{path}: no labels in the file")
     return out
 
 
@@ -119,10 +170,12 @@ def _class_names(classes: Path | None, seen: set[str]) -> list[str]:
 
 # -- pass 1: check every input ----------------------------------------------------------------
 
-def check_item(item, *, max_side: int | None) -> dict:
+def check_item(item, *, max_side: int | None, max_pixels: int | None = None) -> dict:
+    if getattr(item, "problem", ""):
+        return {"ok": False, "reason": item.problem}
     try:
         raw, extra = item.read()
-        c = check_image(raw, max_side=max_side)
+        c = check_image(raw, max_side=max_side, max_pixels=max_pixels)
     except BadImage as e:
         return {"ok": False, "reason": str(e)}
     except OSError as e:
@@ -134,9 +187,9 @@ def check_item(item, *, max_side: int | None) -> dict:
             "crc": zlib.crc32(c.data), "meta": json.dumps(meta, sort_keys=True, separators=(",", ":"))}
 
 
-def _parts(item, rec: dict, max_side: int | None) -> dict[str, bytes]:
+def _parts(item, rec: dict, max_side: int | None, max_pixels: int | None) -> dict[str, bytes]:
     raw, _ = item.read()
-    data = check_image(raw, max_side=max_side).data if rec["converted"] else raw
+    data = check_image(raw, max_side=max_side, max_pixels=max_pixels).data if rec["converted"] else raw
     if len(data) != rec["size"] or zlib.crc32(data) != rec["crc"]:
         raise ShardError(f"{item.relpath}: input changed since it was checked; run again")
     return {"cls": str(item.label).encode(), "jpg": data, "json": rec["meta"].encode()}
@@ -168,9 +221,9 @@ def layout_shards(records: list[dict], cfg: ShardConfig) -> list[np.ndarray]:
 
 # -- pass 2: one shard ------------------------------------------------------------------------
 
-def write_one(task, *, max_side: int | None) -> tuple[int, list]:
+def write_one(task, *, max_side: int | None, max_pixels: int | None) -> tuple[int, list]:
     i, tar, pairs = task
-    entries = write_shard(Path(tar), ((sample_key(it.relpath), _parts(it, rec, max_side))
+    entries = write_shard(Path(tar), ((sample_key(it.relpath), _parts(it, rec, max_side, max_pixels))
                                       for it, rec in pairs))
     idx = Path(tar).with_suffix(".idx")
     idx.with_name(idx.name + ".tmp").write_text(index_text(entries))
@@ -207,6 +260,12 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
         records = _check_all(items, part / "checked.jsonl", cfg, pool, progress)
         ok = [i for i, r in enumerate(records) if r["ok"]]
         written = [records[i] for i in ok]
+        if not written:
+            report = _report(items, records, ok, [], t0)
+            (out / "report.json").write_text(json.dumps(report, indent=1))
+            shutil.rmtree(part)
+            raise ShardError(f"{source or out}: none of the {len(items)} files is an image that "
+                             f"decodes; nothing written (reasons: {out / 'report.json'})")
         if len(set(sample_key(items[i].relpath) for i in ok)) != len(ok):
             raise ShardError("two inputs hash to the same key; rename one (this should never happen)")
         shards = layout_shards(written, cfg)
@@ -224,8 +283,24 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
     table["key"] = [sample_key(items[i].relpath).encode() for i in ok]
     table["label"] = [items[i].label for i in ok]
     table["width"], table["height"] = np.array([r["stored"] for r in written]).reshape(-1, 2).T
+    # what the reader checks before any decoder sees the bytes (the journal's crc is of the
+    # bytes that went into the tar: _parts verifies them again while writing)
+    table["crc"] = [r["crc"] for r in written]
+    table["meta_crc"] = [zlib.crc32(r["meta"].encode()) for r in written]
     shard_list = [Shard(t.name, t.with_suffix(".idx").name, len(ids), t.stat().st_size)
                   for t, ids in zip(tars, shards)]
+    report = _report(items, records, ok, shard_list, t0, labeled=bool(classes))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_manifest(out, name=cfg.name, classes=classes, shards=shard_list, table=table,
+                   seed=cfg.seed, extra={"source": source, "options": job["config"], "inputs": job["inputs"]})
+    shutil.rmtree(part)
+    return report
+
+
+def _report(items, records, ok, shard_list, t0, *, labeled: bool = False) -> dict:
+    written = [records[i] for i in ok]
+    # a labeled dataset (class list) whose sample has label -1: missing from --labels
+    unlabeled = [items[i].relpath for i in ok if labeled and items[i].label < 0]
     report = {
         "inputs": len(items), "written": len(written),
         "converted": sum(r["converted"] for r in written),
@@ -233,14 +308,11 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
                     for i, r in enumerate(records) if not r["ok"]],
         "conversions": [{"path": items[i].relpath, "why": records[i]["why"]}
                         for i in ok if records[i]["converted"]],
-        "shards": len(shards), "bytes": sum(s.bytes for s in shard_list),
+        "unlabeled": len(unlabeled), "unlabeled_paths": unlabeled,
+        "shards": len(shard_list), "bytes": sum(s.bytes for s in shard_list),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     assert report["inputs"] == report["written"] + len(report["skipped"])
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    write_manifest(out, name=cfg.name, classes=classes, shards=shard_list, table=table,
-                   seed=cfg.seed, extra={"source": source, "options": job["config"], "inputs": job["inputs"]})
-    shutil.rmtree(part)
     return report
 
 
@@ -279,7 +351,7 @@ def _check_all(items, journal: Path, cfg: ShardConfig, pool, progress: bool) -> 
             good += len(line)
         with open(journal, "r+b") as f:
             f.truncate(good)
-    fn = partial(check_item, max_side=cfg.max_side)
+    fn = partial(check_item, max_side=cfg.max_side, max_pixels=cfg.max_pixels)
     with open(journal, "a") as f, tqdm(total=len(items), initial=len(records), unit="img",
                                        desc="check", disable=not progress) as bar:
         for r in _map(pool, fn, items[len(records):], ordered=True):
@@ -299,7 +371,7 @@ def _write_all(shards, tars, ok, items, written, cfg: ShardConfig, pool, progres
             entries[s] = _read_index(idx)
         else:
             tasks.append((s, str(tar), [(items[ok[i]], written[i]) for i in ids]))
-    fn = partial(write_one, max_side=cfg.max_side)
+    fn = partial(write_one, max_side=cfg.max_side, max_pixels=cfg.max_pixels)
     with tqdm(total=len(shards), initial=len(shards) - len(tasks), unit="shard", desc="write",
               disable=not progress) as bar:
         for s, ents in _map(pool, fn, tasks, ordered=False):
@@ -329,9 +401,10 @@ def _map(pool, fn, tasks, *, ordered: bool):
 def summary(report: dict, out: Path) -> str:
     mb = report["bytes"] / 1e6
     ips = report["written"] / max(report["seconds"], 1e-9)
+    unlabeled = f", {report['unlabeled']} without a label (-1)" if report.get("unlabeled") else ""
     return (f"sharded {report['written']} images ({report['converted']} converted) into "
             f"{report['shards']} shards, {mb:.1f} MB, {ips:.0f} images/s, "
-            f"{len(report['skipped'])} skipped -> {out}")
+            f"{len(report['skipped'])} skipped{unlabeled} -> {out}")
 
 
 def parse_size(s: str) -> int:
@@ -343,28 +416,55 @@ def parse_size(s: str) -> int:
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
+def size_arg(s: str) -> int:
+    """parse_size as an argparse type: a bad size is one line naming the flag, exit code 2."""
+    try:
+        return parse_size(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def shard_name(s: str) -> str:
+    """--name: the prefix of every shard file, so a plain name (letters, digits, '_', '-', '.',
+    not starting with '.'): the manifest loader accepts only plain file names inside the folder."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", s):
+        raise argparse.ArgumentTypeError(f"{s!r} is not allowed: expected letters, digits, '_', "
+                                         f"'-' or '.' (not first)")
+    return s
+
+
 def add_arguments(p) -> None:
     p.add_argument("src", type=Path, help="image folder: class sub-folders, flat + --labels, or any")
-    p.add_argument("out", type=Path, help="output folder for shards, indexes and manifest")
+    p.add_argument("out", type=Path, help="output folder for shards, indexes and manifest "
+                   "(inside SRC is fine: it is not scanned)")
     p.add_argument("--labels", type=Path, help="CSV/TXT of filename,label (ImageNet val style)")
     p.add_argument("--classes", type=Path, help="class names, one per line (fixes label indices)")
-    p.add_argument("--name", default="shard", help="shard file prefix (default: shard)")
+    p.add_argument("--name", type=shard_name, default="shard", help="shard file prefix (default: shard)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--shard-size", type=parse_size, default=parse_size("1GB"),
+    g.add_argument("--shard-size", type=size_arg, default=parse_size("1GB"),
                    help="bytes per shard, e.g. 500MB, 1GB (default 1GB)")
-    g.add_argument("--samples-per-shard", type=int)
-    p.add_argument("--workers", type=int, default=1, help="processes for read/validate/convert")
-    p.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cross-shard shuffle")
+    g.add_argument("--samples-per-shard", type=positive_int)
+    p.add_argument("--workers", type=positive_int, default=1, help="processes for read/validate/convert")
+    p.add_argument("--max-side", type=positive_int, help="downscale images whose longer side exceeds this")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"downscale images with more pixels than this (default {DEFAULT_MAX_PIXELS}, "
+                        f"4 MP; the loader refuses more than 16 MP)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the cross-shard shuffle")
     p.add_argument("--resume", action="store_true", help="complete an interrupted run in OUT")
 
 
 def main(args) -> int:
-    items, classes, layout = scan_folder(args.src, args.labels, args.classes)
+    items, classes, layout = scan_folder(args.src, args.labels, args.classes, exclude=args.out)
     cfg = ShardConfig(name=args.name, shard_bytes=None if args.samples_per_shard else args.shard_size,
                       samples_per_shard=args.samples_per_shard, workers=args.workers,
-                      max_side=args.max_side, seed=args.seed)
-    print(f"{args.src}: {len(items)} files, layout '{layout}', {len(classes)} classes", file=sys.stderr)
+                      max_side=args.max_side, max_pixels=args.max_pixels, seed=args.seed)
+    inside = args.out.resolve().is_relative_to(args.src.resolve())
+    print(f"{args.src}: {len(items)} files, layout '{layout}', {len(classes)} classes"
+          + (f" ({args.out} not scanned)" if inside else ""), file=sys.stderr)
+    if layout == "labels" and (missing := [i.relpath for i in items if i.label < 0 and not i.problem]):
+        print(f"warning: {len(missing)} of {len(items)} files have no label in {args.labels} and get "
+              f"label -1 (e.g. {missing[0]}); report.json lists them under 'unlabeled_paths'",
+              file=sys.stderr)
     report = shard_items(items, classes, args.out, cfg, resume=args.resume, source=str(args.src))
     print(summary(report, args.out))
     return 0
