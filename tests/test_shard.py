@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -369,6 +370,14 @@ def test_bad_shard_flags_are_one_line_and_exit_2(tmp_path, args, says):
     r = _cli("shard", tmp_path / "src", tmp_path / "out", *args)
     assert r.returncode == 2 and says in r.stderr, r.stderr
     assert [line for line in r.stderr.splitlines() if "error" in line] == [r.stderr.splitlines()[-1]]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_name_must_be_a_plain_file_prefix(image_folder, tmp_path):
+    src, _ = image_folder
+    for bad in ("../up", "a/b", ".hidden", ""):
+        with pytest.raises(ShardError, match=rf"shard name {re.escape(repr(bad))}"):
+            shard(src, tmp_path / "out", ShardConfig(name=bad, shard_bytes=None, samples_per_shard=3))
     assert not (tmp_path / "out").exists()
 
 

@@ -39,6 +39,8 @@ LABEL_HEADERS = {"filename", "file", "image", "imageid", "image_id", "path", "na
 # (20% of the area) of a 4 MP image is ~900 px wide, twice a 448-px model input, and ImageNet's
 # photos (~0.1-0.5 MP) are far below it; a 144 MP photo would cost 432 MB per decode instead.
 DEFAULT_MAX_PIXELS = 4 * 1024 * 1024
+# the shard file prefix: a plain file name (load_manifest accepts nothing else), not hidden
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 
 
 class ShardError(RuntimeError):
@@ -247,6 +249,8 @@ def shard_items(items, classes, out: Path, cfg: ShardConfig, *, resume: bool = F
     report (also written to out/report.json)."""
     t0 = time.perf_counter()
     out = Path(out)
+    if not re.fullmatch(NAME_PATTERN, cfg.name):
+        raise ShardError(f"shard name {cfg.name!r}: use letters, digits, '_', '-' or '.' (not first)")
     progress = sys.stderr.isatty() if progress is None else progress
     part = out / PARTIAL
     # workers change speed, not output: resuming with another count is fine
@@ -427,7 +431,7 @@ def size_arg(s: str) -> int:
 def shard_name(s: str) -> str:
     """--name: the prefix of every shard file, so a plain name (letters, digits, '_', '-', '.',
     not starting with '.'): the manifest loader accepts only plain file names inside the folder."""
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", s):
+    if not re.fullmatch(NAME_PATTERN, s):
         raise argparse.ArgumentTypeError(f"{s!r} is not allowed: expected letters, digits, '_', "
                                          f"'-' or '.' (not first)")
     return s
