@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from mimpipe.tools.argtypes import nonneg_int, positive_int, unit_float
+
 PLAN_VERSION = 1
 MASK64 = (1 << 64) - 1
 STREAM_ORDER, STREAM_VIEW, STREAM_MASK = 1, 2, 3   # independent hash streams
@@ -260,17 +262,30 @@ def plan_hash(manifest, cfg: PlanConfig) -> str:
 def add_plan_arguments(p: argparse.ArgumentParser, *, world_size: bool = True) -> None:
     """The PlanConfig options; the trainer adds the same ones (its world size comes from torchrun),
     so both ends build the same plan."""
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per rank")
     if world_size:
-        p.add_argument("--world-size", type=int, default=1)
-    p.add_argument("--img-size", type=int, default=None, help="default: the model's")
+        p.add_argument("--world-size", type=positive_int, default=1)
+    p.add_argument("--img-size", "--input_size", type=positive_int, default=None,
+                   help="default: the model's; another size builds the model for it (MAE's --input_size)")
     p.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
     p.add_argument("--remainder", default="pad", choices=("pad", "drop"))
     p.add_argument("--views", default="rrc", help="comma list of CROP[+color], CROP in "
                    f"{', '.join(CROPS)}; e.g. 'src,src+color' for LUT")
-    p.add_argument("--crop-scale", default="0.2,1.0", help="rrc scale range (MAE: 0.2,1.0)")
-    p.add_argument("--flip", type=float, default=0.5)
+    p.add_argument("--crop-scale", type=crop_scale, default="0.2,1.0", help="rrc scale range LO,HI with "
+                   "0 < LO <= HI <= 1 (MAE: 0.2,1.0)")
+    p.add_argument("--flip", type=unit_float, default=0.5, help="horizontal flip probability")
+
+
+def crop_scale(text: str) -> str:
+    """--crop-scale LO,HI checked (the plan parses the string)."""
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected two numbers LO,HI, e.g. 0.2,1.0") from None
+    if not 0 < lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 < LO <= HI <= 1")
+    return text
 
 
 def plan_config_from_args(args: argparse.Namespace, img_size: int | None = None) -> PlanConfig:

@@ -32,8 +32,6 @@ def run(args) -> dict:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     sample.ensure(args.shards)
-    for f in ("metrics.jsonl", "checkpoint.pt"):
-        (out / f).unlink(missing_ok=True)
     endpoint = f"tcp://127.0.0.1:{args.port}"
     plan = ["--batch-size", args.batch_size, "--seed", 0]
     server = start_server(["--shards", args.shards, "--strategy", args.strategy, "--model", args.model,
@@ -41,7 +39,7 @@ def run(args) -> dict:
                            *plan], out / "maskserver.log", core=1)
     try:
         t0 = time.perf_counter()
-        subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--model", args.model,
+        subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--overwrite", "--model", args.model,
                            "--masks", endpoint, "--strategy", args.strategy, "--epochs", args.epochs,
                            "--blr", args.blr, "--warmup-epochs", 1, "--threads", 1,
                            "--mask-policy", "random", *plan), check=True, **pinned(0))
@@ -60,7 +58,7 @@ def summarize(args, rows: list[dict], wall: float, server_rc) -> dict:
     stale = [r["staleness"] for r in rows if r["staleness"] is not None]
     trained = evaluate(load_encoder(args.model, str(args.out / "checkpoint.pt")), m)
     fresh = evaluate(load_encoder(args.model, None), m)
-    _plots(args, rows)
+    _masks_picture(args)
     return {
         "steps": len(rows), "images_s": sum(r["images"] for r in rows) / wall,
         "mask_wait_share": sum(r["mask_wait"] for r in rows) / step_s,
@@ -68,25 +66,15 @@ def summarize(args, rows: list[dict], wall: float, server_rc) -> dict:
         "staleness_mean": sum(stale) / max(len(stale), 1), "staleness_max": max(stale, default=None),
         "fallbacks": sum(r["fallback"] for r in rows), "loss_start": rows[0]["loss"],
         "loss_end": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
-        "knn": trained["knn"], "knn_random_init": fresh["knn"], "server_exit": server_rc,
+        "knn": trained["knn"], "knn_random_init": fresh["knn"], "server_exit": server_rc, "out": str(args.out),
     }
 
 
-def _plots(args, rows) -> None:
+def _masks_picture(args) -> None:
+    """What the trained teacher masks (the trainer drew loss.png itself)."""
     import argparse
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from mimpipe.tools import viz
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["it"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("MAE loss (norm pix)")
-    fig.tight_layout()
-    fig.savefig(args.out / "loss.png", dpi=100)
-    plt.close(fig)
     p = argparse.ArgumentParser()
     viz.add_arguments(p)
     viz.run(p.parse_args([str(args.shards), "--model", args.model, "--weights", str(args.out / "checkpoint.pt"),
@@ -104,7 +92,7 @@ def table(r: dict) -> str:
         f"  loss                     {r['loss_start']:.3f} -> {r['loss_end']:.3f} (mean of the last 10)",
         f"  k-NN accuracy            {r['knn']:.3f} (randomly initialized encoder: {r['knn_random_init']:.3f})",
         f"  mask server exit code    {r['server_exit']}",
-        "  wrote runs/demo/: metrics.jsonl, loss.png, masks.png, maskserver.log, maskserver.json"])
+        f"  wrote {r['out']}/: metrics.jsonl, loss.png, masks.png, maskserver.log, maskserver.json"])
 
 
 def main(args) -> int:

@@ -16,6 +16,7 @@ each run's metrics and server stats under OUT/.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
@@ -27,6 +28,8 @@ import torch
 from mimpipe.tools import sample
 from mimpipe.tools.bench_loader import loader_img_s
 from mimpipe.tools.procs import cli, pinned, start_server, stop
+
+log = logging.getLogger("mimpipe.profile")
 
 
 def add_arguments(p) -> None:
@@ -133,9 +136,8 @@ def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
     which of its threads used the core over those steps."""
     out.mkdir(parents=True, exist_ok=True)
     metrics, log = out / "metrics.jsonl", out / "train.log"
-    metrics.unlink(missing_ok=True)
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cli("train", "--shards", args.shards, "--out", out, "--model", args.model,
+        proc = subprocess.Popen(cli("train", "--shards", args.shards, "--out", out, "--overwrite", "--model", args.model,
                                     "--masks", masks, "--strategy", strategy, "--max-steps", args.steps,
                                     "--epochs", 100, "--batch-size", args.batch_size, "--threads", 1,
                                     "--mask-policy", "wait", "--sync-every", args.sync_every),
@@ -154,6 +156,7 @@ def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
     if proc.returncode:
         raise RuntimeError(f"mimpipe train --masks {masks} exited {proc.returncode}: "
                            f"{log.read_text()[-2000:]}")
+    (out / "checkpoint.pt").unlink()   # only the timings matter here (ViT-B: ~1 GB a run)
     rows = [json.loads(x) for x in open(metrics)][args.warmup:]
     step = sum(r["data_wait"] + r["mask_wait"] + r["compute"] for r in rows)
     used = {k: end[k] - start.get(k, 0) for k in end} if start and end else {}
@@ -191,6 +194,7 @@ def run(args) -> dict:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     images = torch.randn(args.batch_size, 3, mc.img_size, mc.img_size)
     res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats}
+    log.info("loader and teacher alone, then %d round(s) of %d trainer runs", args.repeats, 3 * len(strategies))
     with on_core(0):
         res["loader"] = {f"{d}_img_s": loader_img_s(m, plan_cfg, d, threads=1, batches=20) for d in ("dali", "pil")}
     with on_core(1):
@@ -198,11 +202,15 @@ def run(args) -> dict:
     # each served and in-loop run is paired with a random-mask run just before it, and each ratio is
     # taken within its pair: this machine drifts by +-10% over minutes, more than the effects measured
     runs = {s: [] for s in strategies}
-    for _ in range(args.repeats):
+    for i in range(args.repeats):
         for s in strategies:
-            runs[s].append({"random": train_run(args, args.out / "random", "random"),
-                            "served": served_run(args, args.out / f"served-{s}", s),
-                            "inloop": train_run(args, args.out / f"inloop-{s}", f"inloop:{s}", s)})
+            rs = {"random": train_run(args, args.out / "random", "random"),
+                  "served": served_run(args, args.out / f"served-{s}", s),
+                  "inloop": train_run(args, args.out / f"inloop-{s}", f"inloop:{s}", s)}
+            runs[s].append(rs)
+            # minutes per round: say where it is
+            log.info("round %d/%d, %s: random %.1f, served %.1f, in-loop %.1f img/s", i + 1, args.repeats, s,
+                     *(rs[k]["img_s"] for k in ("random", "served", "inloop")))
     base = [r["random"] for rs in runs.values() for r in rs]
     res["random"] = {k: median([b[k] for b in base]) for k in ("img_s", "data_wait_share", "mask_wait_share")}
     res["random"]["threads"] = base[-1]["threads"]

@@ -11,6 +11,7 @@ deterministic.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -23,22 +24,24 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from mimpipe.pipeline.loader import Loader
 from mimpipe.pipeline.manifest import load_manifest
 from mimpipe.pipeline.plan import add_plan_arguments, plan_config_from_args
+from mimpipe.tools.argtypes import float_range, nonneg_float, nonneg_int, positive_float, positive_int
+from mimpipe.tools.config import write_config
 from mimpipe.maskserver.client import batch_generator
 from mimpipe.maskserver.strategies import plb_update
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
-from mimpipe.train.metrics import MetricsLog
-from mimpipe.train.model import MaskedAutoencoderViT, create_model, load_encoder_weights, model_config, read_checkpoint
+from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, plot_curves
+from mimpipe.train.model import MODELS, MaskedAutoencoderViT, load_encoder_weights, model_config, read_checkpoint
 from mimpipe.train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
 from mimpipe.train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
 log = logging.getLogger("mimpipe.train")
 CKPT_VERSION = 1
+RUN_CONFIG = "config.yaml"   # OUT/config.yaml: the resolved flags; `--resume` reads it (tools/cli.py)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,9 @@ class TrainConfig:
     batch_size: int = 64             # per rank
     accum: int = 1
     blr: float = 1.5e-4
+    lr: float | None = None          # absolute peak lr; default blr * effective batch / 256 (MAE)
+    min_lr: float = 0.0
+    norm_pix_loss: bool = True       # MAE's --norm_pix_loss, on in every MAE recipe
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
     ema_m0: float = 0.996
@@ -63,8 +69,10 @@ class TrainConfig:
     decoder: str = "dali"
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
-    log_every: int = 1
+    log_every: int = 1               # metrics.jsonl rows (and the loss's host sync) every N iterations
+    print_every: int = 20            # a progress line every N iterations when stderr is no terminal
     tensorboard: bool = False        # also RUN/tb (rank 0)
+    wandb: str | None = None         # Weights & Biases project (rank 0); WANDB_MODE=offline works
     # the plan (pipeline/plan.py add_plan_arguments): must match the mask server's
     img_size: int | None = None
     interpolation: str = "bicubic"
@@ -109,7 +117,8 @@ def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_h
         return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
     if cfg.masks.startswith("inloop:"):
         return InloopMasks(cfg.masks.split(":", 1)[1], cfg.model, ratio=cfg.mask_ratio, seed=cfg.seed,
-                           rank=rank, source=cfg.teacher_source, epochs=cfg.epochs, device=device)
+                           rank=rank, source=cfg.teacher_source, epochs=cfg.epochs, device=device,
+                           img_size=cfg.img_size)
     if cfg.masks.startswith(("tcp://", "ipc://")):
         # several servers each serve a contiguous block of ranks (their --ranks)
         endpoints = cfg.masks.split(",")
@@ -131,7 +140,8 @@ class Run:
         # onto the same device ('auto'), and masks and targets are moved there per step
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
-        mc = model_config(cfg.model)
+        # the model at --img-size (MAE's --input_size: a new patch grid and sin-cos table)
+        mc = model_config(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
         self.manifest = load_manifest(cfg.shards)
         self.plan_cfg = plan_config_from_args(SimpleNamespace(**asdict(cfg), world_size=world), mc.img_size)
         self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads,
@@ -144,8 +154,8 @@ class Run:
                              "--contrastive")
         with torch.random.fork_rng():   # the same initial weights on every rank, global RNG untouched
             torch.manual_seed(cfg.seed)
-            self.model = create_model(cfg.model)
-            self.ema = create_model(cfg.model, encoder_only=True)
+            self.model = MaskedAutoencoderViT(mc)
+            self.ema = MaskedAutoencoderViT(mc, encoder_only=True)
             attach_heads(self.model, self.ema, cfg.weights, cfg.head_hidden)
         if cfg.init:
             warm_start(self.model, cfg.init)
@@ -165,7 +175,8 @@ class Run:
                     "count": torch.zeros(M, dtype=torch.float64)}
         self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95))
         eff = cfg.batch_size * world * cfg.accum
-        self.sched = Schedule(lr=cfg.blr * eff / 256, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs)
+        self.sched = Schedule(lr=cfg.lr if cfg.lr is not None else cfg.blr * eff / 256, epochs=cfg.epochs,
+                              warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
         self.mc, self.masks = mc, None   # the mask source starts at the cursor: see start_masks
         self.it = 0   # iterations done = epoch * steps + step of the next batch
         if rank == 0:
@@ -196,6 +207,9 @@ class Run:
 
     def load(self) -> None:
         state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        if (was := state.get("config", {}).get("model")) != self.cfg.model:
+            raise ValueError(f"{self.ckpt_path}: written by --model {was}, this run has --model "
+                             f"{self.cfg.model}")
         if state.get("plan_hash") != self.loader.plan.hash:
             raise ValueError(f"{self.ckpt_path}: written for plan {state.get('plan_hash')}, this run's "
                              f"plan is {self.loader.plan.hash} (other data, seed, batch or world size)")
@@ -228,26 +242,40 @@ def warm_start(model: MaskedAutoencoderViT, path: str) -> None:
              path, len(rest), len(own) - len(enc))
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """resume: continue from OUT/checkpoint.pt if there is one, else start fresh (a requeued job
+    passes it on every launch). overwrite: start fresh in an OUT that holds an earlier run."""
     if cfg.ckpt_every % cfg.accum:
         raise ValueError(f"--ckpt-every {cfg.ckpt_every} must be a multiple of --accum {cfg.accum}: "
                          f"a checkpoint holds no half-accumulated gradients")
-    rank, world = setup_distributed()
     out = Path(cfg.out)
+    if not (resume or overwrite) and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {out} holds an earlier run: pass --resume to continue it or --overwrite "
+                         f"to start again there")
+    rank, world = setup_distributed()
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, rank, world)
-    if resume:
-        run.load()
-    run.start_masks()
     steps = run.loader.steps
+    if resume and run.ckpt_path.is_file():
+        run.load()
+        if rank == 0:
+            log.info("resumed from %s at iteration %d (epoch %d, step %d of %d)", run.ckpt_path, run.it,
+                     *divmod(run.it, steps), steps)
+    elif resume and rank == 0:
+        log.info("--resume: no %s yet, starting fresh", run.ckpt_path)
+    if rank == 0:
+        write_config(out / RUN_CONFIG, asdict(cfg))
+    run.start_masks()
     planned = cfg.epochs * steps   # schedules follow the planned run, not where --max-steps stops it
     total = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
     stop = _stop_on_sigterm()
     run.masks.sync(run.it, run.model, run.ema)
-    # every rank logs: per-rank data and mask waits are what profiling needs
-    metrics = MetricsLog(out, rank, cfg.tensorboard)
-    first_loss = last_loss = None
-    bar = tqdm(total=total, initial=run.it, unit="it", disable=rank != 0 or not sys.stderr.isatty())
+    # every rank logs: per-rank data and mask waits are what profiling needs; rows past the
+    # checkpoint (steps a killed run did after its last save) are dropped, they run again
+    metrics = MetricsLog(out, rank, keep_until=run.it, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                         config=asdict(cfg))
+    progress = Progress(total, run.it, cfg.batch_size * world, enabled=rank == 0)
+    acc = LossAccumulator()
     while run.it < total and not stop["now"]:
         epoch, start = divmod(run.it, steps)
         batches = run.loader.epoch(epoch, start)
@@ -268,37 +296,37 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                 run.opt.zero_grad(set_to_none=True)
                 ema_update(run.ema, run.model, ema_momentum(run.it, planned, cfg.ema_m0))
             run.it += 1
+            acc.add(loss, parts, data_wait=data_wait, mask_wait=masks.wait_s, compute=time.perf_counter() - t0,
+                    images=len(batch.sample_ids), valid=int(batch.valid.sum()))
             if run.it % steps == 0:
                 plb_epoch_end(run)   # before any checkpoint at this iteration: it holds the new p
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
-            loss_v = loss.item()   # sync point: the loss is logged every step
-            first_loss = loss_v if first_loss is None else first_loss
-            last_loss = loss_v
-            bar.update()
-            bar.set_postfix(epoch=epoch, loss=f"{loss_v:.4f}", mask_wait=f"{masks.wait_s * 1e3:.0f}ms",
-                            refresh=False)
-            if run.it % cfg.log_every == 0 or run.it == total:
+            save = boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0
+            if run.it % cfg.log_every == 0 or run.it == total or save:
+                row = acc.pop(f"rank {rank}, epoch {epoch}, step {batch.step}")   # sync point: the losses
                 metrics.write({
-                    "it": run.it, "epoch": epoch, "step": batch.step, "loss": loss_v,
-                    **{f"loss_{k}": v.item() for k, v in parts.items()},
-                    "lr": run.opt.param_groups[0]["lr"], "data_wait": data_wait, "mask_wait": masks.wait_s,
-                    "compute": time.perf_counter() - t0, "teacher_version": masks.teacher_version,
+                    "it": run.it, "epoch": epoch, "step": batch.step, **row,
+                    "lr": run.opt.param_groups[0]["lr"], "teacher_version": masks.teacher_version,
                     "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
-                    "fallback": masks.fallback, "images": len(batch.sample_ids),
-                    "valid": int(batch.valid.sum())})
-            if boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0:
+                    "fallback": masks.fallback})
+                progress.update(run.it, epoch, row, run.opt.param_groups[0]["lr"], print_every=cfg.print_every)
+            if save:
                 run.save()
             if run.it >= total or (stop["now"] and boundary):
                 break
             t_data = time.perf_counter()
         batches.close()
-    bar.close()
+    acc.pop(f"rank {rank}, iteration {run.it}")   # nothing non-finite since the last row is saved either
     run.save()
     run.masks.close()
     run.loader.close()
     metrics.close()
-    return {"it": run.it, "first_loss": first_loss, "last_loss": last_loss}
+    progress.close()
+    if rank == 0:
+        plot_curves(out / "metrics.jsonl", out / "loss.png")
+    return {"it": run.it, "total": total, "stopped": run.it < total, "first_loss": progress.first_loss,
+            "last_loss": progress.last_loss}
 
 
 def compute_losses(run: Run, batch, masks):
@@ -393,49 +421,82 @@ def _stop_on_sigterm() -> dict:
 
 
 def add_arguments(p) -> None:
+    """Our flags, with MAE's main_pretrain.py names as aliases (`--accum_iter`, `--input_size`, ...);
+    every range is checked by the parser (tools/argtypes.py)."""
     d = TrainConfig(shards="")
-    p.add_argument("--shards", required=True)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--masks", default=d.masks, help="random | inloop:<strategy> | tcp://host:port")
-    p.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
-    p.add_argument("--teacher-source", default=None, help="online | momentum | frozen:PATH")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--accum", type=int, default=d.accum)
-    p.add_argument("--blr", type=float, default=d.blr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--ema-m0", type=float, default=d.ema_m0)
-    p.add_argument("--sync-every", type=int, default=d.sync_every)
-    p.add_argument("--decoder", default=d.decoder, choices=["dali", "pil"])
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--tensorboard", action="store_true", help="also write rank 0's metrics to OUT/tb")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--init", metavar="PATH", help="start the student from these weights (mimpipe or MAE "
+    g = p.add_argument_group("data and run")
+    g.add_argument("--shards", "--data_path", required=True, help="dataset folder written by `mimpipe shard`")
+    g.add_argument("--out", "--output_dir", default=d.out, help="run folder: checkpoint, metrics, config.yaml")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt with OUT/config.yaml's "
+                   "flags (the command line still wins); starts fresh when there is no checkpoint yet, "
+                   "so a requeued job can always pass it")
+    g.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds an earlier run")
+    g.add_argument("--init", metavar="PATH", help="start the student from these weights (mimpipe or MAE "
                    "checkpoint, timm ViT) with a fresh optimizer and schedule; --resume wins over it")
-    p.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
-    p.add_argument("--credits", type=int, default=d.credits, help="batches the server may send ahead")
-    p.add_argument("--mask-timeout", type=float, default=d.mask_timeout)
-    p.add_argument("--mask-policy", default=d.mask_policy, choices=["wait", "random", "fail"])
-    p.add_argument("--heartbeat", type=float, default=d.heartbeat)
-    p.add_argument("--server-lut", action="store_true",
-                   help="the mask server runs --lut: send it the EMA projector (its hidden width must be "
-                   "the server's 4096, --head-hidden), use its LUT targets")
+    g.add_argument("--epochs", type=positive_int, default=d.epochs)
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many iterations "
+                   "(the schedules still follow --epochs)")
+    g.add_argument("--decoder", default=d.decoder, choices=["dali", "pil"])
+    g.add_argument("--threads", type=positive_int, default=d.threads, help="decoder threads per rank")
+    g.add_argument("--ckpt-every", type=nonneg_int, default=d.ckpt_every,
+                   help="iterations between checkpoints; 0 = at the end (and on SIGTERM) only")
+    g.add_argument("--log-every", type=positive_int, default=d.log_every,
+                   help="iterations per metrics.jsonl row; each row is one host sync (GPU: use 20)")
+    g.add_argument("--print-every", type=positive_int, default=d.print_every,
+                   help="iterations between progress lines when stderr is not a terminal (SLURM, nohup)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=d.tensorboard,
+                   help="also write rank 0's metrics to OUT/tb")
+    g.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log rank 0's metrics to Weights & Biases (WANDB_MODE=offline to stay local)")
+    g = p.add_argument_group("model and objective")
+    g.add_argument("--model", default=d.model, choices=list(MODELS), metavar="NAME",
+                   help=f"one of {', '.join(MODELS)}")
+    g.add_argument("--mask-ratio", "--mask_ratio", type=float_range(0, 1, lo_open=True, hi_open=True),
+                   default=d.mask_ratio, help="share of patches masked, in (0, 1)")
+    g.add_argument("--norm-pix-loss", "--norm_pix_loss", action=argparse.BooleanOptionalAction,
+                   default=d.norm_pix_loss, help="MAE's per-patch normalized pixel target")
     for name in TERMS:
-        p.add_argument(f"--{name}", type=float, nargs="?", const=LOSSES[name].weight, default=0.0,
+        g.add_argument(f"--{name}", type=nonneg_float, nargs="?", const=LOSSES[name].weight, default=0.0,
                        metavar="W", help=f"add the {name} loss with weight W (bare flag: "
                        f"{LOSSES[name].weight}, {LOSSES[name].why}); 0 = off")
-    p.add_argument("--head-hidden", type=int, default=d.head_hidden, help="LUT/contrastive head width")
-    p.add_argument("--contrastive-tau", type=float, default=d.contrastive_tau)
+    g.add_argument("--head-hidden", type=positive_int, default=d.head_hidden, help="LUT/contrastive head width")
+    g.add_argument("--contrastive-tau", type=positive_float, default=d.contrastive_tau)
+    g = p.add_argument_group("optimization (MAE's recipe)")
+    g.add_argument("--accum", "--accum_iter", type=positive_int, default=d.accum,
+                   help="gradient accumulation steps; effective batch = batch-size x world size x accum")
+    g.add_argument("--blr", type=positive_float, default=d.blr, help="base lr: lr = blr x effective batch / 256")
+    g.add_argument("--lr", type=positive_float, default=None, help="absolute peak lr (overrides --blr)")
+    g.add_argument("--min-lr", "--min_lr", type=nonneg_float, default=d.min_lr, help="cosine schedule's floor")
+    g.add_argument("--warmup-epochs", "--warmup_epochs", type=nonneg_float, default=d.warmup_epochs)
+    g.add_argument("--weight-decay", "--weight_decay", type=nonneg_float, default=d.weight_decay)
+    g.add_argument("--ema-m0", type=float_range(0, 1), default=d.ema_m0,
+                   help="EMA teacher momentum at the start, cosine to 1 (LUT)")
+    g = p.add_argument_group("masks")
+    g.add_argument("--masks", default=d.masks, help="random | inloop:<strategy> | tcp://host:port[,...]")
+    g.add_argument("--teacher-source", default=None, help="online | momentum | frozen:PATH "
+                   "(default: the strategy's paper choice)")
+    g.add_argument("--sync-every", type=positive_int, default=d.sync_every,
+                   help="iterations between weight uploads to the mask teacher")
+    g.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
+    g.add_argument("--credits", type=positive_int, default=d.credits, help="batches the server may send ahead")
+    g.add_argument("--mask-timeout", type=positive_float, default=d.mask_timeout,
+                   help="seconds to wait for a batch's masks before --mask-policy applies")
+    g.add_argument("--mask-policy", default=d.mask_policy, choices=["wait", "random", "fail"])
+    g.add_argument("--heartbeat", type=positive_float, default=d.heartbeat, help="seconds")
+    g.add_argument("--server-lut", action=argparse.BooleanOptionalAction, default=d.server_lut,
+                   help="the mask server runs --lut: send it the EMA projector (its hidden width must be "
+                   "the server's 4096, --head-hidden), use its LUT targets")
     add_plan_arguments(p, world_size=False)
 
 
 def main(args) -> int:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    r = train(TrainConfig(**fields), resume=args.resume)
-    print(f"trained {r['it']} iterations, loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}",
-          file=sys.stderr)
+    cfg = TrainConfig(**fields)
+    r = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    done = f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}" if r["first_loss"] is not None else "no new steps"
+    if r["stopped"]:
+        print(f"stopped at iteration {r['it']} of {r['total']} ({done}), checkpoint {cfg.out}/checkpoint.pt; "
+              f"continue with: mimpipe train --out {cfg.out} --resume", file=sys.stderr)
+    else:
+        print(f"trained {r['it']} iterations, {done}", file=sys.stderr)
     return 0
