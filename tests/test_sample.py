@@ -64,3 +64,14 @@ def test_bad_sample_flags_are_one_line_and_exit_2(tmp_path, args, says):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(says), r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_on_a_complete_set_says_it_is_complete(tmp_path):
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "mimpipe.tools.cli", "sample", str(tmp_path / "s"), "--n", "8", "--size", "32",
+           "--samples-per-shard", "4"]
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "already holds a complete dataset" in again.stderr, again.stderr
+    assert "--resume" not in again.stderr

@@ -180,9 +180,9 @@ def test_unknown_class_is_a_clear_error(tmp_path):
         scan_folder(tmp_path / "src", labels=tmp_path / "l.csv", classes=tmp_path / "classes.txt")
 
 
-def test_refuses_to_overwrite_without_resume(sharded):
+def test_refuses_to_overwrite_a_complete_dataset(sharded):
     src, outcome, out, report, m = sharded
-    with pytest.raises(ShardError, match="--resume"):
+    with pytest.raises(ShardError, match="already holds a complete dataset; choose another folder"):
         shard(src, out)
 
 

@@ -335,6 +335,9 @@ def _prepare_out(out: Path, part: Path, job: dict, cfg: ShardConfig, resume: boo
             return
         if (part / "job.json").exists():
             return
+    elif (out / MANIFEST).exists() and not part.exists():
+        raise ShardError(f"{out}: already holds a complete dataset; choose another folder (or delete "
+                         f"this one to build it again)")
     elif (out / MANIFEST).exists() or part.exists() or any(out.glob(f"{cfg.name}-*.tar")):
         raise ShardError(f"{out}: already holds shards; pass --resume to complete an interrupted "
                          f"run, or choose an empty folder")
