@@ -10,6 +10,16 @@ The I/O thread grants credits (one per batch handed out or dropped), notices a l
 traffic for 3 heartbeat intervals, a new server_id, a BYE) and recreates the socket with capped
 exponential backoff, re-sending HELLO with its cursor (the next batch it has not handed out);
 batches it already holds are kept and duplicates are dropped.
+
+What ends the stream reaches `get` as MaskServerError naming the cause: a refusal (PLAN, VERSION,
+REPLACED), an I/O thread that failed (a bad endpoint, an unreadable key), a rank worker of the
+server that failed twice with no batch handed out in between (the first failure is answered with
+a HELLO, which restarts it). BUSY (the rank is held by another run) is retried: `wait` waits for
+the rank, `fail` and `random` act after mask_timeout as for a silent server.
+
+run_id names the run (every rank, kept across --resume) and restart_id this launch of it (every
+rank, new at each start): the server hands a live rank over only within its run and masks a
+launch only with weights that launch sent (maskserver/server.py).
 """
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import hashlib
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -74,7 +85,10 @@ class MaskClient:
     def __init__(self, endpoint: str, *, rank: int, world_size: int, plan_hash: str,
                  cursor: tuple[int, int] = (0, 0), credits: int = 4, mask_timeout: float = 30.0,
                  policy: str = "wait", heartbeat: float = 1.0, curve: tuple[str, str] | None = None,
-                 num_patches: int, ratio: float = 0.75, seed: int = 0):
+                 num_patches: int, ratio: float = 0.75, seed: int = 0, run_id: str | None = None,
+                 restart_id: str | None = None):
+        """run_id: the run's identity (default: a run of its own); restart_id: this launch's, the
+        same on every rank of it (default: a fresh one). Both [A-Za-z0-9_.:-]{1,64}."""
         if policy not in POLICIES:
             raise ValueError(f"unknown mask policy {policy!r}; choose from {', '.join(POLICIES)}")
         if not 1 <= credits <= P.MAX_CREDITS:
@@ -82,7 +96,14 @@ class MaskClient:
         self.endpoint, self.rank, self.world_size, self.plan_hash = endpoint, rank, world_size, plan_hash
         self.credits, self.mask_timeout, self.policy, self.heartbeat = credits, mask_timeout, policy, heartbeat
         self.curve, self.num_patches, self.ratio, self.seed = curve, num_patches, ratio, seed
-        self.restart_id = uuid.uuid4().hex[:16]
+        self.restart_id = restart_id or uuid.uuid4().hex[:16]
+        self.run_id = run_id or self.restart_id
+        for name, v in (("run_id", self.run_id), ("restart_id", self.restart_id)):
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", v):
+                raise ValueError(f"rank {rank}: {name} {v!r} must match [A-Za-z0-9_.:-]{{1,64}}")
+        self._worker_failed_at: tuple[int, int] | None = None  # our cursor at the server worker's last failure
+        self._restarting = False  # a HELLO that restarts the server's worker is on its way
+        self._last_busy_log = 0.0
         self.fallbacks: list[tuple[int, int]] = []
         self.stats = {"received": 0, "dropped": 0, "reconnects": 0, "seq_gaps": 0, "errors": 0,
                       "send_dropped": 0}
@@ -117,6 +138,8 @@ class MaskClient:
             while key not in self._ready:
                 if self._fatal:
                     raise MaskServerError(self._fatal)
+                if not self._thread.is_alive():
+                    raise MaskServerError(f"rank {self.rank}: mask client I/O thread ended")
                 now = time.monotonic()
                 if now - t0 >= self.mask_timeout:
                     if self.policy == "random":
@@ -190,13 +213,21 @@ class MaskClient:
     # ---- the I/O thread: the only code that touches the socket ----
     def _connect(self, ctx: zmq.Context) -> zmq.Socket:
         s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)
-        if self.curve:
-            secret_file, server_public_file = self.curve
-            s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(secret_file)
-            s.curve_serverkey = zmq.auth.load_certificate(server_public_file)[0]
-        s.connect(self.endpoint)
+        try:
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)
+            if self.curve:
+                from mimpipe.maskserver.keys import load_secret
+                secret_file, server_public_file = self.curve
+                s.curve_publickey, s.curve_secretkey = load_secret(secret_file)
+                s.curve_serverkey = zmq.auth.load_certificate(server_public_file)[0]
+            try:
+                s.connect(self.endpoint)
+            except zmq.ZMQError as e:
+                raise ValueError(f"mask server endpoint {self.endpoint!r}: {e.strerror}") from None
+        except BaseException:
+            s.close(linger=0)
+            raise
         return s
 
     def _hello(self, sock: zmq.Socket) -> None:
@@ -204,7 +235,8 @@ class MaskClient:
             cursor = list(self._cursor)
         self._send(sock, P.encode(P.HELLO, {"rank": self.rank, "world_size": self.world_size,
                                             "plan_hash": self.plan_hash, "cursor": cursor,
-                                            "restart_id": self.restart_id, "credits": self.credits}))
+                                            "restart_id": self.restart_id, "credits": self.credits,
+                                            "run_id": self.run_id}))
 
     def _send(self, sock: zmq.Socket, frames: list) -> None:
         try:
@@ -216,16 +248,16 @@ class MaskClient:
                         bytes(frames[0][:40]))
 
     def _io(self) -> None:
-        ctx = zmq.Context()
-        sock = self._connect(ctx)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        self._hello(sock)
-        last_recv, backoff, seq = time.monotonic(), BACKOFF_MIN, None
-        last_hello = last_recv
-        welcomed = False
-        try:
+        ctx, sock = zmq.Context(), None
+        try:  # everything: whatever ends this thread must reach get() as _fatal
+            sock = self._connect(ctx)
+            poller = zmq.Poller()
+            poller.register(sock, zmq.POLLIN)
+            poller.register(self._wake_r, zmq.POLLIN)
+            self._hello(sock)
+            last_recv, backoff, seq = time.monotonic(), BACKOFF_MIN, None
+            last_hello = last_recv
+            welcomed = False
             while True:
                 timeout = self.heartbeat / 2
                 events = dict(poller.poll(timeout * 1000))
@@ -258,6 +290,9 @@ class MaskClient:
                     action = self._on_message(frames, welcomed)
                     if action == "welcome":
                         welcomed, backoff, seq = True, BACKOFF_MIN, None
+                    elif action == "restart":  # the server's worker for this rank failed: HELLO restarts it
+                        self._hello(sock)
+                        last_hello = now
                     elif action == "rehello" and now - last_hello > self.heartbeat / 2:  # rate-limited
                         self._hello(sock)
                         last_hello = now
@@ -289,12 +324,17 @@ class MaskClient:
                 elif time.monotonic() - self._last_sent > self.heartbeat:
                     self._send(sock, P.encode(P.HEARTBEAT, {"restart_id": self.restart_id}))
         except Exception as e:  # noqa: BLE001 - surfaced through get()
-            log.exception("rank %d: mask client I/O thread failed", self.rank)
-            with self._cv:
-                self._fatal = f"rank {self.rank}: mask client I/O thread failed: {e!r}"
-                self._cv.notify_all()
+            why = f"rank {self.rank}: mask client I/O thread failed: {e if isinstance(e, ValueError) else repr(e)}"
+            if isinstance(e, ValueError):  # a bad endpoint or key file: the message says it all
+                self._set_fatal(why)
+            else:
+                log.exception("rank %d: mask client I/O thread failed", self.rank)
+                with self._cv:
+                    self._fatal = why
+                    self._cv.notify_all()
         finally:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
             ctx.term()
 
     _last_sent = 0.0
@@ -314,6 +354,7 @@ class MaskClient:
             if self.server_id is not None and f["server_id"] != self.server_id:
                 log.warning("rank %d: mask server restarted (%s -> %s)", self.rank, self.server_id, f["server_id"])
             self.server_id = f["server_id"]
+            self._restarting = False
             return "welcome"
         if msg.type == P.HEARTBEAT:
             if self.server_id is not None and f["restart_id"] != self.server_id:
@@ -323,10 +364,18 @@ class MaskClient:
             log.warning("rank %d: mask server said BYE", self.rank)
             return "lost"
         if msg.type == P.ERROR:
-            if f["code"] in (P.E_PLAN, P.E_VERSION):
+            if f["code"] in (P.E_PLAN, P.E_VERSION, P.E_REPLACED):
                 self._set_fatal(f"rank {self.rank}: mask server refused us: {f['code']}: {f['message']}")
                 return None
             self.stats["errors"] += 1
+            if f["code"] == P.E_WORKER:
+                return self._worker_failed(f["message"])
+            if f["code"] == P.E_BUSY:  # another run holds the rank (or its key differs): ask again later
+                now = time.monotonic()
+                if now - self._last_busy_log >= max(self.mask_timeout, 5 * self.heartbeat):
+                    log.warning("rank %d: mask server: %s; asking again", self.rank, f["message"])
+                    self._last_busy_log = now
+                return "rehello"
             log.warning("rank %d: mask server error %s: %s", self.rank, f["code"], f["message"])
             return "rehello" if f["code"] == P.E_STATE else None
         if msg.type == P.MASKS:
@@ -344,6 +393,21 @@ class MaskClient:
                 self.stats["dropped"] += 1
             return ("masks", f["seq"], keep)
         return None
+
+    def _worker_failed(self, why: str):
+        """ERROR WORKER: restart the server's worker with a HELLO, unless it failed already at this
+        cursor (no batch handed out since): a failure that repeats is the trainer's error."""
+        if self._restarting:
+            return None  # the repeat of a failure our HELLO already answers
+        with self._cv:
+            cursor = self._cursor
+        if cursor == self._worker_failed_at:
+            self._set_fatal(f"rank {self.rank}: the mask server's worker for this rank failed again at "
+                            f"batch {list(cursor)} after a restart: {why}")
+            return None
+        log.warning("rank %d: %s; restarting it at batch %s", self.rank, why, list(cursor))
+        self._worker_failed_at, self._restarting = cursor, True
+        return "restart"
 
     def _set_fatal(self, why: str) -> None:
         log.error(why)

@@ -13,7 +13,8 @@ read-only `np.frombuffer` views (no copies), then the per-type value checks. Any
 
 type       fields (int bounds inclusive)                              array frames
 hello      rank [0,world_size), world_size [1,65536], plan_hash hex,  -
-           cursor [epoch,step], restart_id id, credits [0,1024]
+           cursor [epoch,step], restart_id id, credits [0,1024],
+           optional run_id id
 welcome    server_id id, plan_hash hex, teacher_version [-1,..],      -
            strategy id, num_patches L [1,65536], cursor [epoch,step]
 credit     rank, n [1,1024]                                           -
@@ -39,6 +40,10 @@ padding bits 0), and `len_keep[i]` in [1, L] must equal row i's unmasked count. 
 maskserver/weights.py (`weight_chunks`, `WeightAssembler`). Values are checked where cheap (len_keep, mask bits, heads,
 feedback); float targets are not scanned for NaN (O(n*L) per batch; the trainer's loss sees them).
 Unknown fields or arrays are rejected: a new field is a new PROTOCOL_VERSION.
+HELLO's run_id names the training run (all its ranks, kept across --resume) and restart_id one
+launch of it (all its ranks, new at every start): teacher weights belong to one (run_id,
+restart_id), and a live rank is handed over only within its run (maskserver/server.py). Without
+run_id the client is a run of its own (run_id = restart_id). Version 2 added run_id.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # message types
 HELLO = "hello"  # trainer -> server: register, or re-register after either side restarted
@@ -70,6 +75,9 @@ BYE = "bye"  # both ways: orderly goodbye; the server frees the rank's queue
 E_FRAMES, E_HEADER, E_VERSION, E_TYPE, E_FIELD = "FRAMES", "HEADER", "VERSION", "TYPE", "FIELD"
 E_ARRAY, E_VALUE, E_WEIGHTS, E_INTERNAL = "ARRAY", "VALUE", "WEIGHTS", "INTERNAL"
 E_PLAN, E_STATE = "PLAN", "STATE"  # not raised here: plan_hash mismatch, message out of sequence
+# not raised here either (server -> trainer): the rank is held by another run or CURVE key (retry
+# later); the rank's mask worker failed (HELLO restarts it); this launch was replaced by a newer one
+E_BUSY, E_WORKER, E_REPLACED = "BUSY", "WORKER", "REPLACED"
 
 # limits: everything a peer declares is checked against these before anything is allocated
 MAX_HEADER_BYTES = 256 << 10  # hot-path headers are < 1 KiB; chunk 0's tensor table is the big one
@@ -268,7 +276,7 @@ _RANK, _STEP, _VERSION = Int(0, MAX_WORLD - 1), Int(), Int(-1)
 SCHEMAS: dict[str, Schema] = {
     HELLO: Schema({"rank": _RANK, "world_size": Int(1, MAX_WORLD), "plan_hash": Str(_HEX),
                    "cursor": Cursor(), "restart_id": Str(_ID), "credits": Int(0, MAX_CREDITS)},
-                  check=_check_hello),
+                  optional={"run_id": Str(_ID)}, check=_check_hello),
     WELCOME: Schema({"server_id": Str(_ID), "plan_hash": Str(_HEX), "teacher_version": _VERSION,
                      "strategy": Str(_ID), "num_patches": Int(1, MAX_PATCHES), "cursor": Cursor()}),
     CREDIT: Schema({"rank": _RANK, "n": Int(1, MAX_CREDITS)}),

@@ -22,35 +22,61 @@ from mimpipe.maskserver import protocol as P
 from mimpipe.maskserver.server import MaskServer, ServerConfig
 from mimpipe.maskserver.strategies import STRATEGIES
 from mimpipe.pipeline.plan import add_plan_arguments, plan_config_from_args
+from mimpipe.tools.argtypes import float_range, positive_float, positive_int
 
 log = logging.getLogger("mimpipe.maskserver")
 
 
 # ---- the socket shell ----
-def make_socket(ctx: zmq.Context, bind: str, curve_dir: str | None):
-    """The ROUTER, bound; with CURVE, only the public keys in curve_dir/clients may connect."""
+RCVHWM = 256  # messages queued per peer: a weights upload (a few dozen chunks) fits, a flood does not
+
+
+def make_socket(ctx: zmq.Context, bind: str, curve_dir: str | None, frame_limit: int = P.MAX_ARRAY_BYTES):
+    """The ROUTER, bound; with CURVE, only the public keys in curve_dir/clients may connect.
+
+    frame_limit (MaskServer.frame_limit) is ZMQ_MAXMSGSIZE: libzmq buffers every frame of a
+    multipart message before the serve loop can count them, so the largest frame a peer may send
+    is what a teacher of this size implies, and a bigger one disconnects its sender unread."""
     auth = None
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)  # an oversized frame disconnects its sender
+    sock.setsockopt(zmq.MAXMSGSIZE, frame_limit)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.SNDHWM, 1000)
-    if curve_dir:
-        from zmq.auth.thread import ThreadAuthenticator
-        from mimpipe.maskserver.keys import server_keys
-        auth = ThreadAuthenticator(ctx)
-        auth.start()
-        clients = Path(curve_dir) / "clients"
-        if not clients.is_dir():
-            raise ValueError(f"--curve {curve_dir}: no clients/ folder of public keys (run `mimpipe keys`)")
-        auth.configure_curve(domain="*", location=str(clients))
-        sock.curve_publickey, sock.curve_secretkey = server_keys(curve_dir)
-        sock.curve_server = True
-    sock.bind(bind)
+    try:
+        if curve_dir:
+            from zmq.auth.thread import ThreadAuthenticator
+            from mimpipe.maskserver.keys import server_keys
+            clients = Path(curve_dir) / "clients"
+            if not clients.is_dir():
+                raise ValueError(f"--curve {curve_dir}: no clients/ folder of public keys (run `mimpipe keys`)")
+            sock.curve_publickey, sock.curve_secretkey = server_keys(curve_dir)
+            auth = ThreadAuthenticator(ctx)
+            auth.start()
+            auth.configure_curve(domain="*", location=str(clients))
+            sock.curve_server = True
+        try:
+            sock.bind(bind)
+        except zmq.ZMQError as e:  # port in use, no such interface, not an address
+            raise ValueError(f"--bind {bind}: {e.strerror}") from None
+    except BaseException:
+        sock.close(linger=0)
+        if auth is not None:
+            auth.stop()
+        raise
     return sock, auth
 
 
+def _user(frame: zmq.Frame) -> str | None:
+    """The CURVE key (z85) the ZAP handler authenticated this message's sender with."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
+
+
 def serve(server: MaskServer, sock: zmq.Socket, stop: threading.Event, *, stats_every: float = 10.0,
-          stats_file: str | None = None) -> None:
+          stats_file: str | None = None, curve: bool = False) -> None:
     """The serve loop: receive, handle, send what is ready; never blocks longer than a poll."""
     poll_ms = max(1, int(min(0.05, server.cfg.heartbeat / 4) * 1000))
     t_stats, sent_before = time.monotonic(), 0
@@ -62,7 +88,8 @@ def serve(server: MaskServer, sock: zmq.Socket, stop: threading.Event, *, stats_
             except zmq.Again:
                 break
             if len(frames) >= 2:  # [identity, *message]; anything else has no sender to answer
-                server.handle(frames[0].bytes, [f.buffer for f in frames[1:]], now)
+                server.handle(frames[0].bytes, [f.buffer for f in frames[1:]], now,
+                              _user(frames[1]) if curve else None)
             else:
                 server.counts["bad_frames"] += 1
         for identity, frames in server.ready(time.monotonic()):
@@ -103,24 +130,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="teacher architecture, e.g. mae_vit_base_patch16")
     p.add_argument("--source", default=None, help="online | momentum | frozen:PATH (default: the "
                    "strategy's paper choice; momentum for gpa without a checkpoint)")
-    p.add_argument("--ratio", type=float, default=0.75)
+    p.add_argument("--ratio", type=float_range(0.0, 1.0, hi_open=True), default=0.75)
     p.add_argument("--block", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--decoder", default="dali", choices=("dali", "pil"))
-    p.add_argument("--threads", type=int, default=1, help="decoder threads per rank")
+    p.add_argument("--threads", type=positive_int, default=1, help="decoder threads per rank")
     p.add_argument("--bind", default="tcp://127.0.0.1:5555")
-    p.add_argument("--ranks", default=None, help="comma list of ranks served (default: all)")
-    p.add_argument("--max-ahead", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=100, help="for progress = epoch / epochs (gpa)")
+    p.add_argument("--ranks", type=rank_list, default=None,
+                   help="ranks served: a comma list of ranks and ranges, e.g. 0-7 or 0-3,6 (default: all)")
+    p.add_argument("--max-ahead", type=positive_int, default=4, help="batches queued per rank")
+    p.add_argument("--epochs", type=positive_int, default=100,
+                   help="the run's epochs: progress = epoch / epochs (gpa); a cursor past them is refused")
     p.add_argument("--lut", action="store_true", help="send LUT targets (momentum teacher, 2 views)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. head=1 for gpa on a 2-head model)")
     p.add_argument("--stats-file", default=None,
                    help="JSON snapshot of the stats; a .jsonl name appends one line per period instead")
-    p.add_argument("--stats-every", type=float, default=10.0, help="seconds")
+    p.add_argument("--stats-every", type=positive_float, default=10.0, help="seconds")
     p.add_argument("--curve", default=None, help="key folder from `mimpipe keys`: CURVE auth on")
-    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds; 3 silent intervals = dead")
+    p.add_argument("--heartbeat", type=positive_float, default=1.0, help="seconds; 3 silent intervals = dead")
     add_plan_arguments(p)
+
+
+def rank_list(text: str) -> tuple[int, ...]:
+    """'0-3,6' -> (0, 1, 2, 3, 6): comma-separated ranks and inclusive ranges, in order, no repeats."""
+    ranks: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: {part.strip()!r} is not a rank or a range "
+                                             f"like 0-7") from None
+        if a < 0 or b < a:
+            raise argparse.ArgumentTypeError(f"{text!r}: {part.strip()!r} is not a rank >= 0 or a range lo-hi "
+                                             f"with lo <= hi")
+        ranks += [r for r in range(a, b + 1) if r not in ranks]
+    return tuple(ranks)
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -143,11 +189,10 @@ def main(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.shards)
     plan_cfg = plan_config_from_args(args, model_config(args.model).img_size)
-    ranks = tuple(range(args.world_size)) if args.ranks is None else \
-        tuple(int(r) for r in args.ranks.split(",") if r.strip())
+    ranks = tuple(range(args.world_size)) if args.ranks is None else args.ranks
     bad = [r for r in ranks if not 0 <= r < args.world_size]
     if bad:
-        raise ValueError(f"--ranks {args.ranks}: ranks {bad} outside world size {args.world_size}")
+        raise ValueError(f"--ranks: ranks {bad} outside world size {args.world_size}")
     cfg = ServerConfig(args.strategy, args.ratio, args.block, ranks, args.max_ahead, args.heartbeat,
                        args.epochs, args.lut, tuple(parse_option(o) for o in args.option))
     # LUT's projector travels only when LUT targets are served; otherwise the EMA encoder is all
@@ -170,14 +215,19 @@ def main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     ctx = zmq.Context()
-    sock, auth = make_socket(ctx, args.bind, args.curve)
+    try:
+        sock, auth = make_socket(ctx, args.bind, args.curve, server.frame_limit)
+    except BaseException:
+        ctx.term()
+        raise
     log.info("mask server %s: %s on %s, teacher %s (%s, v%d), ranks %s, plan %s, %d steps/epoch, "
              "%d patches", server.server_id, args.strategy, args.bind, args.model, args.source, teacher.version,
              list(ranks), plan.hash, plan.steps, server.num_patches)
     print(f"mimpipe maskserver: ready on {args.bind} (server_id {server.server_id}, plan {plan.hash})",
           flush=True)
     try:
-        serve(server, sock, stop, stats_every=args.stats_every, stats_file=args.stats_file)
+        serve(server, sock, stop, stats_every=args.stats_every, stats_file=args.stats_file,
+              curve=bool(args.curve))
     finally:
         for st in list(server.ranks.values()):
             server.free(st.rank, "server shutting down")

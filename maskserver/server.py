@@ -10,7 +10,17 @@ Threads (zmq sockets are not thread-safe, so exactly one thread touches the sock
                     (one lock, so weights are swapped between batches), packs and encodes MASKS and
                     puts them on the rank's bounded queue (`--max-ahead`).
 A rank's HELLO with a cursor bumps its `generation`: the worker restarts there and queued
-batches of older generations are dropped. Mask noise comes from `batch_generator(seed, epoch,
+batches of older generations are dropped. A worker whose loader or teacher fails reports ERROR
+WORKER (again at every heartbeat) and waits: the rank's next HELLO restarts it with a new loader.
+
+Runs (HELLO's run_id, restart_id = one launch of the run; protocol.py): the server serves one run
+at a time, because its teacher is shared. The teacher's weights belong to one launch (`session`):
+the first HELLO of a new run or of a new launch of the same run (a restart, --resume) resets the
+teacher to no weights (version -1, random masks) and its version counter, so no launch is masked
+with weights it did not send, and only that launch's uploads count. A live rank passes to another
+peer only with the same run_id (and, under CURVE, the same client key): a restarted trainer takes
+its rank back at once, anyone else gets ERROR BUSY (logged) until the rank is freed; a replaced
+launch gets ERROR REPLACED. Mask noise comes from `batch_generator(seed, epoch,
 step, rank)`, so masks do not depend on timing. Until an online/momentum teacher has weights
 (version -1) the server sends random masks stamped teacher_version -1.
 Staleness = the rank's latest reported global step (epoch * steps + step) - the teacher's step:
@@ -18,6 +28,7 @@ the trainer sends weights stamped with its global step.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -30,12 +41,13 @@ import numpy as np
 import torch
 
 from mimpipe.maskserver import protocol as P
-from mimpipe.maskserver.weights import WeightAssembler
+from mimpipe.maskserver.weights import WeightAssembler, snapshot_limit
 from mimpipe.maskserver.client import batch_generator
 from mimpipe.maskserver.strategies import get_strategy, pack_mask, plb_update, random_mask
 
 log = logging.getLogger("mimpipe.maskserver")
 MAX_ERROR_REPLIES = 100  # per peer: a rogue sender is not answered forever (amplification)
+MAX_RETIRED = 64  # replaced launches remembered (REPLACED instead of a fight over the rank)
 
 
 # ---- configuration shared with the trainer ----
@@ -51,12 +63,20 @@ class ServerConfig:
     lut: bool = False  # also send LUT targets (momentum teacher, two views)
     options: tuple[tuple[str, object], ...] = ()  # strategy keyword options, e.g. (("head", 1),)
 
+    def __post_init__(self):
+        # queue.Queue(0) is unbounded: --max-ahead 0 would let a worker run a whole epoch ahead
+        if self.max_ahead < 1 or self.heartbeat <= 0 or self.epochs < 1 or not 0 <= self.ratio < 1:
+            raise ValueError(f"server config out of range: max_ahead {self.max_ahead} (>= 1), heartbeat "
+                             f"{self.heartbeat} (> 0), epochs {self.epochs} (>= 1), ratio {self.ratio} (in [0, 1))")
+
 
 @dataclass
 class RankState:
     rank: int
     identity: bytes
-    restart_id: str
+    run_id: str
+    restart_id: str  # the launch
+    user: str | None  # the peer's CURVE key (z85) under CURVE, else None
     cursor: tuple[int, int]  # next batch to send (socket thread)
     credits: int
     last_seen: float
@@ -69,6 +89,7 @@ class RankState:
     last_sent: float = 0.0
     stop: threading.Event = field(default_factory=threading.Event)
     worker: threading.Thread | None = None
+    failed: str | None = None  # the worker's failure, until a HELLO restarts it
 
 
 class MaskServer:
@@ -85,20 +106,29 @@ class MaskServer:
         self.workers: list[threading.Thread] = []  # joined at shutdown (a thread inside DALI at exit aborts)
         self.by_identity: dict[bytes, int] = {}
         self.lock = threading.Lock()  # the teacher, pending weights, PLB state
-        self.assembler = WeightAssembler(version=teacher.version)
+        self.session: tuple[str, str] | None = None  # (run_id, restart_id) the teacher's weights belong to
+        self.retired: dict[tuple[str, str], None] = {}  # launches replaced by a newer one of their run
+        # every peer-driven allocation is bounded by the teacher: an upload by its own size, a frame
+        # (serve.py sets ZMQ_MAXMSGSIZE to frame_limit) by a header, a weights chunk or a feedback
+        expect = teacher.held_spec() if teacher.kind != "frozen" else {}
+        limit = snapshot_limit(expect)
+        self.assembler = WeightAssembler(version=teacher.version, max_bytes=limit, expect=expect)
+        self.frame_limit = max(P.MAX_HEADER_BYTES, min(P.DEFAULT_CHUNK_BYTES, limit))
         self.pending = None  # Weights waiting for the next batch boundary
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (identity, frames) from workers
         self.feedback_seen: set[tuple[int, int, int]] = set()
         self.plb_epoch, self.plb_sum, self.plb_count, self.plb_prev = None, None, None, None
         self.head_probs = None
         self.counts = {"batches": 0, "bad_frames": 0, "rejected": 0, "errors_sent": 0, "send_dropped": 0,
-                       "weights_applied": 0, "feedback": 0, "feedback_dup": 0}
+                       "weights_applied": 0, "feedback": 0, "feedback_dup": 0, "feedback_stale": 0,
+                       "hello_refused": 0, "worker_failures": 0}
         self.freed: list[dict] = []
         self.peer_errors: dict[bytes, int] = {}
 
     # ---- inbound ----
-    def handle(self, identity: bytes, frames: list, now: float) -> None:
-        """One message from `identity`; replies go to self.outbox. Never raises on peer input."""
+    def handle(self, identity: bytes, frames: list, now: float, user: str | None = None) -> None:
+        """One message from `identity` (CURVE key `user`); replies go to self.outbox. Never raises
+        on peer input."""
         try:
             msg = P.decode(frames)
         except P.ProtocolError as e:
@@ -110,7 +140,7 @@ class MaskServer:
         if st is not None:
             st.last_seen = now
         if msg.type == P.HELLO:
-            return self._hello(identity, msg.fields, now)
+            return self._hello(identity, msg.fields, now, user)
         if st is None:
             return self._error(identity, P.E_STATE, f"{msg.type} from an unregistered peer; send HELLO")
         if msg.type in (P.CREDIT, P.FEEDBACK) and msg.fields["rank"] != st.rank:
@@ -120,7 +150,7 @@ class MaskServer:
         elif msg.type == P.WEIGHTS:
             self._weights(identity, st, msg)
         elif msg.type == P.FEEDBACK:
-            self._feedback(st, msg)
+            self._feedback(identity, st, msg)
         elif msg.type == P.BYE:
             self.free(st.rank, "bye")
         elif msg.type in (P.HEARTBEAT, P.ERROR):
@@ -142,7 +172,7 @@ class MaskServer:
             self.counts["errors_sent"] += 1
             self.outbox.put((identity, P.ProtocolError(code, message).frames()))
 
-    def _hello(self, identity: bytes, f: dict, now: float) -> None:
+    def _hello(self, identity: bytes, f: dict, now: float, user: str | None) -> None:
         rank = f["rank"]
         if f["plan_hash"] != self.plan_hash or f["world_size"] != self.world_size:
             log.warning("rank %d: plan mismatch: trainer %s (world %d), server %s (world %d)", rank,
@@ -154,36 +184,91 @@ class MaskServer:
         if rank not in self.cfg.ranks:
             return self._error(identity, P.E_PLAN, f"rank {rank}: this server serves ranks {list(self.cfg.ranks)}")
         epoch, step = f["cursor"]
-        if step > self.steps:
-            return self._error(identity, P.E_PLAN, f"rank {rank}: plan cursor {f['cursor']} > epoch length "
-                               f"{self.steps}")
+        if step > self.steps or epoch >= self.cfg.epochs:
+            return self._error(identity, P.E_PLAN, f"rank {rank}: plan cursor {f['cursor']} outside the plan: "
+                               f"{self.steps} steps per epoch, epochs 0..{self.cfg.epochs - 1} (--epochs)")
         if step == self.steps:
             epoch, step = epoch + 1, 0
+        run, launch = f.get("run_id", f["restart_id"]), f["restart_id"]
+        if (run, launch) in self.retired:
+            return self._error(identity, P.E_REPLACED, f"rank {rank}: this launch of the run was replaced by "
+                               f"a newer one (a restarted trainer holds the rank now); stop this process")
+        refused = self._refuse(rank, run, user, identity, now)
+        if refused:
+            self.counts["hello_refused"] += 1
+            return self._error(identity, P.E_BUSY, f"rank {rank}: HELLO refused: {refused}")
+        if self.session != (run, launch):
+            self._new_session(run, launch)
         st = self.ranks.get(rank)
         if st is None:
-            st = self.ranks[rank] = RankState(rank, identity, f["restart_id"], (epoch, step), 0, now,
+            st = self.ranks[rank] = RankState(rank, identity, run, launch, user, (epoch, step), 0, now,
                                               queue=queue.Queue(self.cfg.max_ahead))
             what = "registered"
         else:
-            what = "restarted trainer" if f["restart_id"] != st.restart_id else "re-registered"
+            what = "restarted trainer" if launch != st.restart_id else "re-registered"
         self.by_identity.pop(st.identity, None)
-        st.identity, st.restart_id, st.cursor, st.last_seen = identity, f["restart_id"], (epoch, step), now
+        st.identity, st.restart_id, st.cursor, st.last_seen = identity, launch, (epoch, step), now
         st.credits, st.seq, st.reported = f["credits"], 0, (epoch, step)
-        st.start = (epoch, step)
+        st.start, st.failed = (epoch, step), None
         st.generation += 1  # after start: the worker reads generation first
         _drain(st.queue)
         self.by_identity[identity] = rank
         self.peer_errors.pop(identity, None)
-        if st.worker is None:
-            st.worker = threading.Thread(target=self._work, args=(st,), name=f"mimpipe-mask-r{rank}", daemon=True)
-            st.worker.start()
-            self.workers = [w for w in self.workers if w.is_alive()] + [st.worker]
-        log.info("rank %d: %s at cursor (%d, %d), %d credits", rank, what, epoch, step, st.credits)
+        log.info("rank %d: %s at cursor (%d, %d), %d credits (run %s)", rank, what, epoch, step, st.credits,
+                 _fingerprint(run))
         self.outbox.put((identity, P.encode(P.WELCOME, {
             "server_id": self.server_id, "plan_hash": self.plan_hash, "teacher_version": self.teacher.version,
             "strategy": self.cfg.strategy, "num_patches": self.num_patches, "cursor": [epoch, step]})))
+        # after WELCOME: a worker that fails at once reports it after the WELCOME it belongs to
+        if st.worker is None or not st.worker.is_alive():
+            st.worker = threading.Thread(target=self._work, args=(st,), name=f"mimpipe-mask-r{rank}", daemon=True)
+            st.worker.start()
+            self.workers = [w for w in self.workers if w.is_alive()] + [st.worker]
+
+    def _refuse(self, rank: int, run: str, user: str | None, identity: bytes, now: float) -> str | None:
+        """Why a HELLO for `rank` from run `run` may not have it now, or None. The run_id is the proof
+        (the server never shows it: logs carry a fingerprint), under CURVE the client key too."""
+        others = sorted(r for r, st in self.ranks.items() if st.run_id != run)
+        if others:
+            return (f"this server serves another run (ranks {others}) until its ranks say BYE or fall "
+                    f"silent for {3 * self.cfg.heartbeat:g}s")
+        st = self.ranks.get(rank)
+        if st is not None and st.identity != identity and st.user != user:
+            return f"rank {rank} is held by another CURVE key (heard from {now - st.last_seen:.1f}s ago)"
+        return None
+
+    def _new_session(self, run: str, launch: str) -> None:
+        """The first HELLO of a new run, or of a new launch of this one: no weights it did not send."""
+        old = self.session
+        with self.lock:
+            self.session = (run, launch)
+            self.teacher.reset()
+            self.assembler.reset(self.teacher.version)
+            self.pending = None
+            self.feedback_seen, self.plb_epoch, self.plb_sum, self.plb_count = set(), None, None, None
+            if old is None or old[0] != run:  # PLB's p belongs to the run: a restart keeps it
+                self.head_probs = self.plb_prev = None
+        if old is not None and old[0] == run:
+            self.retired[old] = None
+            while len(self.retired) > MAX_RETIRED:
+                self.retired.pop(next(iter(self.retired)))
+        log.warning("run %s, launch %s: %s; teacher at v%d until this launch sends weights", _fingerprint(run),
+                    launch, "a new run" if old is None or old[0] != run else "the run restarted",
+                    self.teacher.version)
+
+    def _position(self, st: RankState) -> int:
+        """The furthest global step (epoch * steps + step) this server knows rank st to be at."""
+        return max(e * self.steps + s for e, s in (st.cursor, st.reported))
 
     def _weights(self, identity: bytes, st: RankState, msg: P.Message) -> None:
+        f = msg.fields
+        if (st.run_id, st.restart_id) != self.session:
+            return self._error(identity, P.E_STATE, f"rank {st.rank}: weights from a launch that no longer owns "
+                               f"the teacher; dropped")
+        bound = self._position(st) + self.steps  # an epoch of slack: a trainer on fallback masks runs ahead
+        if max(f["version"], f["step"]) > bound:
+            return self._error(identity, P.E_WEIGHTS, f"rank {st.rank}: weights version {f['version']} step "
+                               f"{f['step']} > its position {bound - self.steps} + one epoch ({self.steps})")
         try:
             w = self.assembler.add(msg)
         except P.ProtocolError as e:
@@ -194,26 +279,31 @@ class MaskServer:
             log.info("rank %d: weights v%d (step %d) complete; applied before the next batch",
                      st.rank, w.version, w.step)
 
-    def _feedback(self, st: RankState, msg: P.Message) -> None:
+    def _feedback(self, identity: bytes, st: RankState, msg: P.Message) -> None:
+        """PLB feedback of a batch this server sent the rank, for the teacher's heads, counted once."""
         f = msg.fields
-        key = (st.rank, f["epoch"], f["step"])
-        if key in self.feedback_seen:
+        key, M, H = (f["epoch"], f["step"]), len(msg.arrays["head_loss_sum"]), self.teacher.cfg.num_heads
+        if M != H:
+            return self._error(identity, P.E_VALUE, f"rank {st.rank}: feedback for {M} heads; the teacher has {H}")
+        if f["step"] >= self.steps or key >= st.cursor:
+            return self._error(identity, P.E_VALUE, f"rank {st.rank}: feedback for batch {list(key)}, which this "
+                               f"server has not sent it (next {list(st.cursor)}, {self.steps} steps per epoch)")
+        if self.plb_epoch is not None and f["epoch"] < self.plb_epoch:
+            self.counts["feedback_stale"] += 1  # its epoch's PLB update is done
+            return
+        if key + (st.rank,) in self.feedback_seen:
             self.counts["feedback_dup"] += 1
             return
-        self.feedback_seen.add(key)
-        st.reported = max(st.reported, (f["epoch"], f["step"]))
+        self.feedback_seen.add(key + (st.rank,))  # only epochs >= plb_epoch: pruned at each epoch end
+        st.reported = max(st.reported, key)
         s = torch.from_numpy(msg.arrays["head_loss_sum"].astype(np.float64))
         c = torch.from_numpy(msg.arrays["head_count"].astype(np.int64))
         with self.lock:
             if self.plb_epoch is not None and f["epoch"] > self.plb_epoch:
                 self._plb_epoch_end()
-            if self.plb_sum is not None and self.plb_sum.shape != s.shape:
-                return log.warning("rank %d: feedback for %d heads, expected %d; ignored", st.rank,
-                                   len(s), len(self.plb_sum))
-            if self.plb_epoch is None or f["epoch"] >= self.plb_epoch:
-                self.plb_epoch = f["epoch"]
-                self.plb_sum = s if self.plb_sum is None else self.plb_sum + s
-                self.plb_count = c if self.plb_count is None else self.plb_count + c
+            self.plb_epoch = f["epoch"]
+            self.plb_sum = s if self.plb_sum is None else self.plb_sum + s
+            self.plb_count = c if self.plb_count is None else self.plb_count + c
         self.counts["feedback"] += 1
 
     def _plb_epoch_end(self) -> None:
@@ -225,7 +315,7 @@ class MaskServer:
             log.info("PLB after epoch %d: p = %s", self.plb_epoch, np.round(self.head_probs.numpy(), 4).tolist())
         except ValueError as e:
             log.warning("PLB update after epoch %d skipped: %s", self.plb_epoch, e)
-        self.feedback_seen = {k for k in self.feedback_seen if k[1] > self.plb_epoch}
+        self.feedback_seen = {k for k in self.feedback_seen if k[0] > self.plb_epoch}
         self.plb_sum = self.plb_count = None
 
     def free(self, rank: int, why: str) -> None:
@@ -264,9 +354,11 @@ class MaskServer:
                 yield st.identity, P.encode(P.MASKS, {**fields, "seq": st.seq}, arrays, check=False)
                 st.seq += 1
                 st.last_sent = now
-            if now - st.last_sent > self.cfg.heartbeat:
+            if now - st.last_sent > self.cfg.heartbeat:  # a failed worker is reported instead, until a HELLO
                 st.last_sent = now
-                yield st.identity, P.encode(P.HEARTBEAT, {"restart_id": self.server_id})
+                failed = st.failed
+                yield st.identity, (P.ProtocolError(P.E_WORKER, failed).frames() if failed else
+                                    P.encode(P.HEARTBEAT, {"restart_id": self.server_id}))
 
     def bye(self):
         for st in list(self.ranks.values()):
@@ -275,33 +367,46 @@ class MaskServer:
 
     # ---- the rank worker ----
     def _work(self, st: RankState) -> None:
+        """The rank's producer. A failure (a damaged shard, the teacher) is reported to the rank and
+        the worker waits for its next HELLO, then starts again with a new loader."""
         loader = None
         try:
-            loader = self.make_loader(st.rank)
             while not st.stop.is_set():
                 # read generation before start: HELLO writes start before it bumps generation
                 gen = st.generation
-                epoch, step = st.start
-                while not st.stop.is_set() and gen == st.generation:
-                    with closing(loader.epoch(epoch, step)) as batches:
-                        for batch in batches:
-                            if st.stop.is_set() or gen != st.generation:
-                                break
-                            item = (gen, batch.epoch, batch.step, *self._masks(st.rank, batch))
-                            while not (st.stop.is_set() or gen != st.generation):
-                                try:
-                                    st.queue.put(item, timeout=0.1)  # at most --max-ahead batches ahead
-                                    break
-                                except queue.Full:
-                                    pass
-                    epoch, step = epoch + 1, 0
-        except Exception as e:  # noqa: BLE001 - a data/teacher failure of one rank must be visible
-            log.exception("rank %d: mask worker failed", st.rank)
-            self.outbox.put((st.identity, P.encode(P.ERROR, {"code": P.E_INTERNAL,
-                                                             "message": f"rank {st.rank}: {e!r}"[:4000]})))
+                try:
+                    loader = loader or self.make_loader(st.rank)
+                    self._produce(st, loader, gen)
+                except Exception as e:  # noqa: BLE001 - a data/teacher failure of one rank must reach it
+                    log.exception("rank %d: mask worker failed", st.rank)
+                    self.counts["worker_failures"] += 1
+                    if loader is not None:
+                        loader.close()
+                        loader = None
+                    st.failed = f"rank {st.rank}: mask server worker failed: {e!r}"[:P.MAX_STR - 100]
+                    self.outbox.put((st.identity, P.ProtocolError(P.E_WORKER, st.failed).frames()))
+                    while gen == st.generation and not st.stop.is_set():
+                        st.stop.wait(0.1)
         finally:
             if loader is not None:
                 loader.close()
+
+    def _produce(self, st: RankState, loader, gen: int) -> None:
+        """Generation `gen`'s batches from st.start on, until stopped or a HELLO starts another."""
+        epoch, step = st.start
+        while not st.stop.is_set() and gen == st.generation:
+            with closing(loader.epoch(epoch, step)) as batches:
+                for batch in batches:
+                    if st.stop.is_set() or gen != st.generation:
+                        return
+                    item = (gen, batch.epoch, batch.step, *self._masks(st.rank, batch))
+                    while not (st.stop.is_set() or gen != st.generation):
+                        try:
+                            st.queue.put(item, timeout=0.1)  # at most --max-ahead batches ahead
+                            break
+                        except queue.Full:
+                            pass
+            epoch, step = epoch + 1, 0
 
     def _masks(self, rank: int, batch) -> tuple[dict, dict]:
         """One decoded batch -> MASKS fields and arrays (pure apart from the teacher)."""
@@ -353,8 +458,14 @@ class MaskServer:
                              "staleness": e * self.steps + s - tstep if tstep >= 0 else None}
         return {"server_id": self.server_id, "time": time.time(), "batches_per_s": round(rate, 2),
                 "teacher_version": self.teacher.version, "teacher_step": tstep, "ranks": ranks,
-                "freed": self.freed, **self.counts}
+                "freed": self.freed, "plb_epoch": self.plb_epoch, "feedback_pending": len(self.feedback_seen),
+                **self.counts}
 
+
+
+def _fingerprint(run_id: str) -> str:
+    """What logs show of a run_id: it is the proof that takes a live rank, so never the id itself."""
+    return hashlib.blake2b(run_id.encode(), digest_size=4).hexdigest()
 
 
 def _drain(q: queue.Queue) -> None:

@@ -160,6 +160,19 @@ class Teacher:
             sd.update({PROJECTOR + k: v for k, v in self.projector.state_dict().items()})
         return sd
 
+    def held_spec(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """{name: (shape, is_float)} of the tensors load_state takes: what a peer's upload must match
+        before the mask server buffers it (maskserver/weights.py WeightAssembler)."""
+        own = self._state()
+        return {k: (tuple(own[k].shape), own[k].is_floating_point()) for k in self.held}
+
+    def reset(self) -> None:
+        """Back to no weights (version -1: the server's random masks) for a new run or a restarted
+        one: weights another run (or the killed launch) sent must not mask this one's batches. A
+        frozen teacher keeps its checkpoint: it belongs to no run."""
+        if self.kind != "frozen":
+            self.version, self.step = -1, None
+
     @torch.no_grad()
     def load_state(self, state_dict: Mapping[str, Tensor], version: int, step: int) -> bool:
         """Swap in new weights between batches. state_dict must hold exactly the names in `held`, with

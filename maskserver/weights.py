@@ -53,21 +53,39 @@ class Weights:
     state: dict[str, torch.Tensor]  # original dtypes; all views of one private buffer
 
 
+def snapshot_limit(expect: dict[str, tuple[tuple[int, ...], bool]]) -> int:
+    """The largest snapshot `expect` ({name: (shape, is_float)}) can travel as: float tensors at
+    4 bytes (float32), integer buffers at 8 (int64), each at a WEIGHT_ALIGN offset."""
+    return sum(-(-math.prod(shape) * (4 if is_float else 8) // WEIGHT_ALIGN) * WEIGHT_ALIGN
+               for shape, is_float in expect.values())
+
+
 class WeightAssembler:
     """Collects WEIGHTS chunks (any order, duplicates ignored) into state dicts.
 
-    `add` returns a `Weights` only when every chunk of a version newer than `version` is in and the
-    sha256 matches; a partial upload never yields, a corrupt one raises ProtocolError(WEIGHTS) and
-    is dropped. A chunk of a newer version abandons the upload in progress; chunks of older or
-    already applied versions are counted in `ignored`. Memory grows only with chunks received.
+    `add` returns a `Weights` only when every chunk of a version newer than `version` is in, the
+    sha256 matches and every float is finite; a partial upload never yields, a corrupt one raises
+    ProtocolError(WEIGHTS) and is dropped. With `expect` ({name: (shape, is_float)}, the teacher's
+    own tensors) chunk 0's table must name exactly those tensors with those shapes, floats as a
+    float dtype and integers as an integer one, or the upload is dropped at once; `version` counts
+    only a snapshot that passed every check. A chunk of a newer version abandons the upload in
+    progress; chunks of older or already applied versions are counted in `ignored`. Memory: one
+    buffer of the declared total_bytes (at most max_bytes), allocated at the upload's first chunk,
+    which every chunk is copied into once; the tensors of the result are views of it.
     """
 
-    def __init__(self, *, version: int = -1, max_bytes: int = MAX_WEIGHTS_BYTES):
-        self.version, self.max_bytes, self.ignored = version, max_bytes, 0
+    def __init__(self, *, version: int = -1, max_bytes: int = MAX_WEIGHTS_BYTES,
+                 expect: dict[str, tuple[tuple[int, ...], bool]] | None = None):
+        self.version, self.max_bytes, self.expect, self.ignored = version, max_bytes, expect, 0
+        self._reset(None)
+
+    def reset(self, version: int = -1) -> None:
+        """Forget the upload in progress and every version seen (a new run owns the teacher)."""
+        self.version = version
         self._reset(None)
 
     def _reset(self, key: tuple | None) -> None:
-        self._key, self._chunks, self._table = key, {}, None
+        self._key, self._buf, self._got, self._table = key, None, None, None
 
     def add(self, msg: Message) -> Weights | None:
         if msg.type != WEIGHTS:
@@ -75,7 +93,7 @@ class WeightAssembler:
         f = msg.fields
         key = tuple(f[k] for k in ("version", "step", "n_chunks", "chunk_bytes", "total_bytes", "sha256"))
         stale = f["version"] <= self.version or (self._key is not None and f["version"] < self._key[0])
-        if stale or (key == self._key and f["chunk"] in self._chunks):
+        if stale or (key == self._key and self._got[f["chunk"]]):
             self.ignored += 1
             return None
         if f["total_bytes"] > self.max_bytes:
@@ -83,27 +101,60 @@ class WeightAssembler:
                                            f"limit {self.max_bytes}")
         if self._key is None or key[0] > self._key[0]:
             self._reset(key)
+            self._buf, self._got = np.empty(f["total_bytes"], np.uint8), np.zeros(f["n_chunks"], bool)
         elif key != self._key:
             self._reset(None)
             raise ProtocolError(E_WEIGHTS, f"weights version {f['version']} chunk {f['chunk']}: {brief(key[1:])} "
                                            f"disagrees with the upload in progress; upload dropped")
-        self._chunks[f["chunk"]] = bytes(msg.arrays["data"])  # own copy: the caller may reuse the frame
         if f["chunk"] == 0:
+            try:
+                self._check_table(f["version"], f["tensors"])
+            except ProtocolError:
+                self._reset(None)
+                raise
             self._table = f["tensors"]
-        return self._finish() if len(self._chunks) == f["n_chunks"] else None
+        at = f["chunk"] * f["chunk_bytes"]
+        self._buf[at:at + len(msg.arrays["data"])] = msg.arrays["data"]  # own copy: the frame is reused
+        self._got[f["chunk"]] = True
+        return self._finish() if self._got.all() else None
+
+    def _check_table(self, version: int, table: list[dict]) -> None:
+        if self.expect is None:
+            return
+        got = {e["name"]: e for e in table}
+        missing = sorted(self.expect.keys() - got.keys())
+        unexpected = sorted(got.keys() - self.expect.keys())
+        bad = [f"{k} {got[k]['dtype']}{got[k]['shape']} vs {'float' if is_float else 'int'}{list(shape)}"
+               for k, (shape, is_float) in sorted(self.expect.items()) if k in got
+               and (tuple(got[k]["shape"]) != tuple(shape) or (got[k]["dtype"] in FLOAT_TAGS) != is_float)]
+        if missing or unexpected or bad:
+            raise ProtocolError(E_WEIGHTS, brief_list(f"weights version {version} do not fit the teacher: "
+                                                      f"missing {missing}; unexpected {unexpected}; "
+                                                      f"shape/dtype {bad}"))
 
     def _finish(self) -> Weights:
-        (version, step, n, _, total, sha), chunks, table = self._key, self._chunks, self._table
+        (version, step, n, _, total, sha), buf, table = self._key, self._buf, self._table
         self._reset(None)
-        buf = bytearray().join(chunks[i] for i in range(n))  # one copy; the tensors are views of it
         got = hashlib.sha256(buf).hexdigest()
-        if len(buf) != total or got != sha:
+        if got != sha:
             raise ProtocolError(E_WEIGHTS, f"weights version {version}: sha256 {got[:16]}... != declared "
                                            f"{sha[:16]}...; upload dropped")
-        self.version = version
         state = {}
         for e in table:
             dt, count = TORCH_DTYPES[e["dtype"]], math.prod(e["shape"])
-            state[e["name"]] = (torch.frombuffer(buf, dtype=dt, count=count, offset=e["offset"])
-                                .reshape(e["shape"]) if count else torch.empty(e["shape"], dtype=dt))
+            t = (torch.frombuffer(buf, dtype=dt, count=count, offset=e["offset"]).reshape(e["shape"])
+                 if count else torch.empty(e["shape"], dtype=dt))
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ProtocolError(E_WEIGHTS, f"weights version {version}: tensor {e['name']!r} holds NaN or "
+                                               f"inf; upload dropped")
+            state[e["name"]] = t
+        self.version = version  # counts only now: every check passed
         return Weights(version, step, state)
+
+
+FLOAT_TAGS = ("float16", "bf16", "float32")
+
+
+def brief_list(text: str, limit: int = 1000) -> str:
+    """An error naming many tensors, cut to `limit` characters (a peer may send 4096 names)."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."

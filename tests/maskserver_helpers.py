@@ -51,7 +51,7 @@ def start_client(endpoint, shards, out, *, rank, world_size=2, batch_size=4, epo
                  extra=()) -> subprocess.Popen:
     cmd = [sys.executable, __file__, endpoint, str(shards), str(out), "--rank", str(rank), "--world-size",
            str(world_size), "--batch-size", str(batch_size), "--epochs", str(epochs),
-           *(["--hold"] if hold else []), *extra]
+           *(["--hold"] if hold else []), *map(str, extra)]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=open(f"{out}.log", "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
@@ -84,18 +84,25 @@ def _main() -> None:
     ap.add_argument("--policy", default="fail")
     ap.add_argument("--mask-timeout", type=float, default=30.0)
     ap.add_argument("--hold", action="store_true", help="after the last batch, stay connected")
+    ap.add_argument("--run-id", default="test-run")
+    ap.add_argument("--restart-id", default="launch-1")
+    ap.add_argument("--start", type=int, default=0, help="first iteration, epoch * steps + step (a restart)")
+    ap.add_argument("--heartbeat", type=float, default=0.5)
+    ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch (a trainer step)")
     a = ap.parse_args()
     plan = Plan(load_manifest(a.shards), PlanConfig(seed=0, batch_size=a.batch_size, world_size=a.world_size,
                                                      img_size=64), a.rank)
     client = MaskClient(a.endpoint, rank=a.rank, world_size=a.world_size, plan_hash=plan.hash,
                         num_patches=L, ratio=0.75, seed=0, policy=a.policy, mask_timeout=a.mask_timeout,
-                        heartbeat=0.5)
+                        heartbeat=a.heartbeat, run_id=a.run_id, restart_id=a.restart_id,
+                        cursor=divmod(a.start, plan.steps))
     with open(a.out, "w") as f:
-        for e in range(a.epochs):
-            for s in range(plan.steps):
-                ids = plan.batch(e, s).sample_ids
-                f.write(json.dumps(record(client.get(e, s, ids), e, s, ids)) + "\n")
-                f.flush()
+        for it in range(a.start, a.epochs * plan.steps):
+            e, s = divmod(it, plan.steps)
+            ids = plan.batch(e, s).sample_ids
+            f.write(json.dumps(record(client.get(e, s, ids), e, s, ids)) + "\n")
+            f.flush()
+            time.sleep(a.sleep)
     while a.hold:
         time.sleep(0.1)
     client.close()

@@ -27,6 +27,7 @@ from mimpipe.pipeline.plan import Plan, PlanConfig
 from maskserver_helpers import L, MODEL, free_port, kill, read_lines, start_client, start_server
 
 WORLD, B = 2, 4
+RUN, LAUNCH = "test-run", "launch-1"  # maskserver_helpers' client processes default to the same
 
 
 def plans(ds):
@@ -35,8 +36,9 @@ def plans(ds):
 
 
 def client(endpoint, plan, **kw):
+    """A rank of the test run (every rank of one launch shares run_id and restart_id, as a trainer's)."""
     kw = {"num_patches": L, "ratio": 0.75, "seed": 0, "heartbeat": 0.5, "mask_timeout": 30.0,
-          "policy": "fail", **kw}
+          "policy": "fail", "run_id": RUN, "restart_id": LAUNCH, **kw}
     return MaskClient(endpoint, rank=plan.rank, world_size=WORLD, plan_hash=plan.hash, **kw)
 
 
@@ -273,7 +275,7 @@ def test_protocol_version_mismatch_refused(shared):
 def _junk(rng: np.random.Generator, plan_hash: str) -> list[bytes]:
     """One hostile frame list."""
     k = rng.integers(12)
-    hello = {"v": 1, "type": "hello", "rank": 0, "world_size": WORLD, "plan_hash": plan_hash,
+    hello = {"v": P.PROTOCOL_VERSION, "type": "hello", "rank": 0, "world_size": WORLD, "plan_hash": plan_hash,
              "cursor": [0, 0], "restart_id": "rogue", "credits": 4}
     if k == 0:
         return [rng.bytes(int(rng.integers(0, 64)))]
@@ -285,21 +287,21 @@ def _junk(rng: np.random.Generator, plan_hash: str) -> list[bytes]:
         h[key] = [None, "x" * 70, -5, 2 ** 64 - 1, 1.5, {"a": 1}, True][int(rng.integers(7))]
         return [msgpack.packb(h)]
     if k == 3:  # oversized header
-        return [msgpack.packb({"v": 1, "type": "heartbeat", "restart_id": "x" * 300_000})]
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "heartbeat", "restart_id": "x" * 300_000})]
     if k == 4:  # masks claiming huge arrays
-        h = {"v": 1, "type": "masks", "rank": 0, "epoch": 0, "step": 0, "seq": 0, "checksum": 1,
+        h = {"v": P.PROTOCOL_VERSION, "type": "masks", "rank": 0, "epoch": 0, "step": 0, "seq": 0, "checksum": 1,
              "teacher_version": -1, "teacher_step": -1, "n": 65536, "num_patches": 65536,
              "arrays": [{"name": "mask", "dtype": "uint8", "shape": [65536, 8192]}]}
         return [msgpack.packb(h), rng.bytes(100)]
     if k == 5:  # weights with lies about sizes
-        h = {"v": 1, "type": "weights", "version": 9, "step": 0, "chunk": 0, "n_chunks": 1,
+        h = {"v": P.PROTOCOL_VERSION, "type": "weights", "version": 9, "step": 0, "chunk": 0, "n_chunks": 1,
              "chunk_bytes": 10, "total_bytes": 10 ** 12, "sha256": "0" * 64, "tensors": [],
              "arrays": [{"name": "data", "dtype": "uint8", "shape": [10]}]}
         return [msgpack.packb(h), rng.bytes(10)]
     if k == 6:  # credit / feedback from an unregistered peer
-        return [msgpack.packb({"v": 1, "type": "credit", "rank": 0, "n": 1000})]
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "credit", "rank": 0, "n": 1000})]
     if k == 7:
-        return [msgpack.packb({"v": 1, "type": str(rng.integers(1000))})]
+        return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": str(rng.integers(1000))})]
     if k == 8:
         return [msgpack.packb([1, 2, 3])]
     if k == 9:  # HELLO for a rank outside the world, or an unserved cursor
@@ -307,7 +309,7 @@ def _junk(rng: np.random.Generator, plan_hash: str) -> list[bytes]:
         return [msgpack.packb(h)]
     if k == 10:
         return [b""]
-    return [msgpack.packb({"v": 1, "type": "feedback", "rank": 0, "epoch": 0, "step": 0,
+    return [msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "feedback", "rank": 0, "epoch": 0, "step": 0,
                            "arrays": [{"name": "head_loss_sum", "dtype": "float32", "shape": [2]},
                                       {"name": "head_count", "dtype": "int64", "shape": [2]}]}),
             np.array([np.nan, 1], np.float32).tobytes(), np.array([-1, 2], np.int64).tobytes()]
@@ -381,7 +383,7 @@ def test_weights_sync_and_masks_match_in_process_teacher(sample_ds, tmp_path):
         c = client(endpoint, plan, credits=2)
         first = c.get(0, 0, plan.batch(0, 0).sample_ids)
         assert first.teacher_version == -1
-        c.send_weights(state, version=3, step=100)
+        c.send_weights(state, version=3, step=3)
         got = {}
         for s in range(1, plan.steps):
             got[s] = c.get(0, s, plan.batch(0, s).sample_ids)
@@ -428,7 +430,7 @@ def test_core_feedback_plb_and_weights():
 
     def hello(rank, ident):
         return P.encode(P.HELLO, {"rank": rank, "world_size": 2, "plan_hash": "ab" * 16, "cursor": [0, 0],
-                                  "restart_id": f"t{rank}", "credits": 2})
+                                  "restart_id": "launch", "run_id": "run", "credits": 2})
 
     def feedback(rank, epoch, step, loss):
         return P.encode(P.FEEDBACK, {"rank": rank, "epoch": epoch, "step": step},
@@ -439,6 +441,8 @@ def test_core_feedback_plb_and_weights():
         srv.handle(b"b", hello(1, b"b"), 0.0)
         replies = [P.decode(f) for _, f in srv.ready(0.0)]
         assert [m.type for m in replies][:2] == [P.WELCOME, P.WELCOME]
+        for st in srv.ranks.values():
+            st.cursor = (1, 2)  # as if batches up to epoch 1 step 1 were sent: feedback only for those
         srv.handle(b"a", feedback(0, 0, 3, [1.0, 0.1]), 0.0)
         srv.handle(b"a", feedback(0, 0, 3, [1.0, 0.1]), 0.0)  # duplicate (rank, step): ignored
         srv.handle(b"b", feedback(1, 0, 3, [1.0, 0.1]), 0.0)  # another rank's step 3 counts

@@ -42,7 +42,7 @@ def valid(mtype: str) -> tuple[dict, dict]:
     data = rng.integers(0, 256, 100, dtype=np.uint8)
     return {
         HELLO: ({"rank": 1, "world_size": 4, "plan_hash": HEX, "cursor": [2, 17], "restart_id": "trainer-1.a9f3",
-                 "credits": 4}, {}),
+                 "credits": 4, "run_id": "run-7f3a"}, {}),
         WELCOME: ({"server_id": "srv-77", "plan_hash": HEX, "teacher_version": 3, "strategy": "gpa",
                    "num_patches": L, "cursor": [2, 17]}, {}),
         CREDIT: ({"rank": 1, "n": 2}, {}),
@@ -154,7 +154,7 @@ def mask_of(h: dict, f: list) -> np.ndarray:
 
 
 CASES = [  # (id, type, edit(header, array frames), code, words the message must contain)
-    ("version", HELLO, lambda h, f: h.update(v=2), "VERSION", ["version 2", "speaks 1"]),
+    ("version", HELLO, lambda h, f: h.update(v=1), "VERSION", ["version 1", "speaks 2"]),
     ("no-version", HELLO, lambda h, f: h.pop("v"), "VERSION", ["None"]),
     ("bool-version", HELLO, lambda h, f: h.update(v=True), "VERSION", ["True"]),
     ("unknown-type", HELLO, lambda h, f: h.update(type="nope"), "TYPE", ["'nope'", "hello"]),
@@ -231,10 +231,10 @@ def test_decode_rejects(what, mtype, edit, code, words):
     ([b"\xc1"], "HEADER", ["not valid msgpack"]),
     ([b"\x81\xa1v\x01\xff"], "HEADER", ["not valid msgpack"]),  # trailing bytes
     ([msgpack.packb([1, 2])], "HEADER", ["must be a msgpack map, got list"]),
-    ([msgpack.packb({"v": 1, "type": "bye", "pad": "x" * (P.MAX_HEADER_BYTES)})], "HEADER", ["limit 262144"]),
-    ([msgpack.packb({"v": 1, "type": "bye", "x": b"bin"})], "HEADER", ["max_bin_len"]),
+    ([msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "bye", "pad": "x" * (P.MAX_HEADER_BYTES)})], "HEADER", ["limit 262144"]),
+    ([msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "bye", "x": b"bin"})], "HEADER", ["max_bin_len"]),
     ([msgpack.packb({1: 1})], "HEADER", ["not valid msgpack"]),  # strict_map_key
-    ([msgpack.packb({"v": 1, "type": "bye", "l": list(range(P.MAX_LIST + 1))})], "HEADER", ["max_array_len"]),
+    ([msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "bye", "l": list(range(P.MAX_LIST + 1))})], "HEADER", ["max_array_len"]),
 ])
 def test_decode_rejects_frames_and_headers(frames, code, words):
     with pytest.raises(ProtocolError) as err:
@@ -248,7 +248,7 @@ def test_error_reply_round_trips_and_is_bounded():
     msg = decode(err.frames())
     assert msg.type == ERROR and msg.fields["code"] == "FIELD" and len(msg.fields["message"]) == P.MAX_STR
     with pytest.raises(ProtocolError) as e:
-        decode([msgpack.packb({"v": 1, "type": "hello", "rank": "r" * 3000})])
+        decode([msgpack.packb({"v": P.PROTOCOL_VERSION, "type": "hello", "rank": "r" * 3000})])
     assert len(e.value.message) < 200  # hostile values are not echoed in full
 
 
@@ -479,19 +479,54 @@ def test_weights_versions_and_limits():
         weight_chunks({"x": torch.zeros(2, dtype=torch.float64)}, 1, 1)
 
 
-def test_weights_memory_grows_with_chunks_received_only():
-    chunk = 4 << 20
+def test_weights_memory_is_bounded_by_the_teacher_not_the_peer():
+    """A peer declares 16 GiB: refused at its first chunk. A fitting upload costs one buffer of its
+    declared size, whatever the chunks (the old assembler kept every chunk, then joined a copy)."""
+    chunk = 1 << 20
+    limit = 8 * chunk  # what the teacher implies (server.py: weights.snapshot_limit)
     data = np.zeros(chunk, np.uint8)
-    fields = {"version": 1, "step": 1, "chunk": 0, "n_chunks": 4096, "chunk_bytes": chunk,
-              "total_bytes": 4096 * chunk, "sha256": "0" * 64, "tensors": []}  # declares 16 GiB
-    msg = decode(encode(WEIGHTS, fields, {"data": data}))
+    huge = {"version": 1, "step": 1, "chunk": 1, "n_chunks": 16384, "chunk_bytes": chunk,
+            "total_bytes": 16384 * chunk, "sha256": "0" * 64}
+    fits = {**huge, "n_chunks": 8, "total_bytes": limit}
     tracemalloc.start()
     try:
-        assert WeightAssembler().add(msg) is None
+        with pytest.raises(ProtocolError, match="total_bytes 17179869184 > limit 8388608"):
+            WeightAssembler(max_bytes=limit).add(decode(encode(WEIGHTS, huge, {"data": data})))
+        asm = WeightAssembler(max_bytes=limit)
+        for i in range(1, 8):
+            assert asm.add(decode(encode(WEIGHTS, {**fits, "chunk": i}, {"data": data}))) is None
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 2 * chunk
+    assert peak < limit + 2 * chunk, peak
+
+
+def test_weights_that_do_not_fit_the_teacher_never_count():
+    """The freeze: one upload with version 2^62 and a wrong tensor name made every later (real)
+    upload 'older'. Now the table is checked against the teacher at chunk 0 and a version counts
+    only once the whole snapshot passed (names, shapes, float vs int, sha256, finite values)."""
+    state = small_state()
+    expect = {k: (tuple(v.shape), v.is_floating_point()) for k, v in state.items()}
+    asm = WeightAssembler(expect=expect)
+    bad_name = {("x" + k if k == "pos_embed" else k): v for k, v in state.items()}
+    with pytest.raises(ProtocolError, match=r"missing \['pos_embed'\]; unexpected \['xpos_embed'\]"):
+        asm.add(decode(next(weight_chunks(bad_name, version=2**62, step=2**62, chunk_bytes=1 << 16))))
+    assert asm.version == -1
+    wrong = {**state, "ids": state["ids"].float()}  # an int buffer sent as float
+    with pytest.raises(ProtocolError, match="ids float32"):
+        asm.add(decode(next(weight_chunks(wrong, version=2**62, step=1, chunk_bytes=1 << 16))))
+    shaped = {**state, "norm.bias": torch.zeros(9).half()}
+    with pytest.raises(ProtocolError, match=r"norm.bias float16\[9\] vs float\[8\]"):
+        asm.add(decode(next(weight_chunks(shaped, version=2**62, step=1, chunk_bytes=1 << 16))))
+    nan = {**state, "pos_embed": torch.full((1, 17, 8), float("nan"))}
+    with pytest.raises(ProtocolError, match="'pos_embed' holds NaN"):
+        for frames in weight_chunks(nan, version=2**62, step=1, chunk_bytes=1 << 16):
+            asm.add(decode(frames))
+    assert asm.version == -1
+    got = [asm.add(decode(f)) for f in weight_chunks(state, version=3, step=3, chunk_bytes=256)][-1]
+    assert got is not None and got.version == 3 and asm.version == 3
+    asm.reset()  # a new run owns the teacher: its version 0 counts again
+    assert [asm.add(decode(f)) for f in weight_chunks(state, version=0, step=0)][-1].version == 0
 
 
 # ---------------------------------------------------------------- over ZeroMQ

@@ -6,12 +6,14 @@ weights give the same masks on every path."""
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from mimpipe.maskserver.client import MaskClient, batch_generator
-from mimpipe.maskserver.strategies import random_mask
+from mimpipe.maskserver.strategies import len_keep_for, random_mask
 from mimpipe.maskserver.teacher import Teacher, default_source
 
 
@@ -23,6 +25,7 @@ class Masks:
     teacher_step: int | None = None
     wait_s: float = 0.0                # time the trainer spent waiting for (or computing) them
     fallback: bool = False             # random masks because the server did not answer in time
+    len_keep: int | None = None        # every image's kept count, where known without reading mask
 
 
 class RandomMasks:
@@ -31,13 +34,19 @@ class RandomMasks:
 
     def get(self, batch) -> Masks:
         g = batch_generator(self.seed, batch.epoch, batch.step, self.rank)
-        return Masks(random_mask(len(batch.sample_ids), self.L, self.ratio, generator=g))
+        return Masks(random_mask(len(batch.sample_ids), self.L, self.ratio, generator=g),
+                     len_keep=len_keep_for(self.L, self.ratio))
 
     def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
         pass
 
     def close(self) -> None:
         pass
+
+
+# strategies whose every image keeps len_keep_for(L, ratio) (amr's batch K and attmask's unmasked
+# images depend on the data); tests/test_trainer.py holds each to it
+FIXED_COUNT = ("random", "sbam", "gpa", "idm")
 
 
 class InloopMasks:
@@ -58,8 +67,11 @@ class InloopMasks:
         out = self.teacher.compute(batch.images, self.strategy, ratio=self.ratio, generator=g,
                                    progress=batch.epoch / self.epochs, head_probs=self.head_probs,
                                    block=self.block, options=self.options)
-        return Masks(out.mask.cpu(), {k: v.cpu() for k, v in out.extras.items()}, self.teacher.version,
-                     self.teacher.step, time.perf_counter() - t0)
+        # masks and targets stay where the teacher made them (its GPU): no copy back and forth, and
+        # no host sync, since the count of a FIXED_COUNT strategy is known without reading the mask
+        fixed = len_keep_for(self.teacher.cfg.num_patches, self.ratio) if self.strategy in FIXED_COUNT else None
+        return Masks(out.mask, dict(out.extras), self.teacher.version, self.teacher.step,
+                     time.perf_counter() - t0, len_keep=fixed)
 
     def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
         """online: the student's current weights (only what the strategy reads); momentum: the EMA."""
@@ -72,21 +84,36 @@ class InloopMasks:
         pass
 
 
+def launch_id(world_size: int) -> str:
+    """A fresh id of this launch, the same on every rank: rank 0 draws it, the others receive it."""
+    ids = [uuid.uuid4().hex[:16]]
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
 class ServerMasks:
     """Masks from a mask server (maskserver/client.py); the trainer's weights go back to it."""
 
     def __init__(self, endpoint: str, *, strategy: str, model: str, source: str | None, rank: int,
                  world_size: int, plan_hash: str, cursor: tuple[int, int], num_patches: int,
                  ratio: float, seed: int, credits: int, mask_timeout: float, policy: str,
-                 heartbeat: float, projector: bool = False):
+                 heartbeat: float, projector: bool = False, run_id: str | None = None,
+                 restart_id: str | None = None):
         """projector: send the EMA's 'projector.*' too; only a server run with --lut holds one
-        (maskserver/teacher.py), and any other teacher rejects weights with names it lacks."""
+        (maskserver/teacher.py), and any other teacher rejects weights with names it lacks.
+        run_id: the run's identity, the same on every rank and kept across --resume (a token of
+        the run, stored in its checkpoint); it is what lets a restarted trainer take its ranks back
+        from a server that still holds them. Default: this launch's restart_id (every start is a
+        run of its own). restart_id: this launch's, the same on every rank; default: rank 0 draws
+        one and broadcasts it (a collective: every rank builds its ServerMasks at the same point)."""
         self.kind = (source or default_source(strategy)).split(":", 1)[0]
         self.prefixes = Teacher.state_for(strategy, model) if self.kind == "online" else ("",)
         self.client = MaskClient(endpoint, rank=rank, world_size=world_size, plan_hash=plan_hash,
                                  cursor=cursor, credits=credits, mask_timeout=mask_timeout,
                                  policy=policy, heartbeat=heartbeat, num_patches=num_patches,
-                                 ratio=ratio, seed=seed)
+                                 ratio=ratio, seed=seed, run_id=run_id,
+                                 restart_id=restart_id or launch_id(world_size))
         self.rank, self.needs_weights = rank, strategy != "random" and self.kind != "frozen"
         self.skip = () if projector else ("projector.",)
 
