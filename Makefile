@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# CPU machines (and CI): the torch/torchvision pair that lies on this machine's disk. GPU users:
-# install your CUDA torch into .venv first and run with TORCH_PKGS= to keep it.
-TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+# CPU machines (and CI): the torch/torchvision pair that lies on this machine's disk. A torch that
+# is already in .venv (a user's own CUDA build) is never replaced. The default wheels are CUDA 13
+# builds (NVIDIA driver >= 580); for a CUDA 12 driver (R535-R570) take the wheels of that index:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cu126 TORCH_PKGS="torch torchvision" install
+TORCH_PKGS  ?= torch==2.14.1 torchvision==0.29.1
+TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 SAMPLE := shards/sample
 
@@ -17,8 +20,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml Makefile
-	$(if $(strip $(TORCH_PKGS)),$(BIN)/pip install $(TORCH_PKGS))
-	$(BIN)/pip install -e '.[test,viz]'
+	$(BIN)/python -c 'import torch' 2>/dev/null || \
+	    $(if $(strip $(TORCH_PKGS)),$(BIN)/pip install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PKGS),true)
+	@# the installed torch pair pins the rest: no dependency may pull another torch over it
+	$(BIN)/pip freeze | grep -iE '^(torch|torchvision)==' > $(VENV)/torch-pins.txt || true
+	$(BIN)/pip install -c $(VENV)/torch-pins.txt -e '.[test,viz]'
 	@# DALI wheels are per CUDA major; take the one matching the installed torch
 	$(BIN)/pip install "nvidia-dali-cuda$$($(BIN)/python -c 'import torch; print((torch.version.cuda or "13").split(".")[0])')0"
 	touch $@

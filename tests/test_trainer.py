@@ -114,3 +114,20 @@ def test_init_refuses_weights_of_another_model(sample_ds, tmp_path):
     with pytest.raises(ValueError, match=r"--init .*checkpoint.pt: .*shape mismatch.*patch_embed"):
         train(cfg(sample_ds, tmp_path / "b", model="mae_vit_tiny_patch8_64",
                   init=str(tmp_path / "a" / "checkpoint.pt")))
+
+
+@pytest.mark.parametrize("strategy", ["random", "sbam", "gpa", "idm", "amr", "attmask"])
+def test_fixed_count_strategies_keep_len_keep_for_every_image(strategy):
+    """InloopMasks hands the model len_keep without reading a GPU mask only for FIXED_COUNT."""
+    from mimpipe.maskserver.strategies import len_keep_for
+    from mimpipe.train.masks import FIXED_COUNT, InloopMasks
+    src = InloopMasks(strategy, MICRO, ratio=0.75, seed=0, rank=0)
+    batch = type("B", (), {"epoch": 0, "step": 0, "images": torch.randn(16, 3, 64, 64)})()
+    torch.manual_seed(0)
+    src.sync(0, create_model(MICRO), create_model(MICRO, encoder_only=True))
+    m = src.get(batch)
+    kept = (~m.mask).sum(dim=1)
+    if strategy in FIXED_COUNT:
+        assert m.len_keep == len_keep_for(64, 0.75) and (kept == m.len_keep).all(), kept
+    else:
+        assert m.len_keep is None

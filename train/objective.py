@@ -80,14 +80,16 @@ class Student(nn.Module):
         super().__init__()
         self.mae, self.weights, self.tau, self.gather, self.rank = model, dict(weights), tau, gather, rank
 
-    def forward(self, images, mask, *, view2=None, mask2=None, targets=None, want_per_image=False, skip=()):
-        return student_losses(self.mae, self.weights, images, mask, view2=view2, mask2=mask2,
-                              targets=targets or {}, want_per_image=want_per_image, tau=self.tau,
-                              gather=self.gather, rank=self.rank, skip=skip)
+    def forward(self, images, mask, *, len_keep=None, view2=None, mask2=None, targets=None,
+                want_per_image=False, skip=()):
+        return student_losses(self.mae, self.weights, images, mask, len_keep=len_keep, view2=view2,
+                              mask2=mask2, targets=targets or {}, want_per_image=want_per_image,
+                              tau=self.tau, gather=self.gather, rank=self.rank, skip=skip)
 
 
 def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, mask: Tensor, *,
-                   view2: Tensor | None = None, mask2: Tensor | None = None, targets: dict,
+                   len_keep: int | None = None, view2: Tensor | None = None, mask2: Tensor | None = None,
+                   targets: dict,
                    want_per_image: bool = False, tau: float = 0.2, gather=None, rank: int = 0,
                    skip=()):
     """images [N, 3, H, W], mask [N, L] (True = masked) -> (total, parts, per_image).
@@ -96,12 +98,14 @@ def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, m
     sum weight * term. per_image [N] (detached, PLB feedback) when asked, else None.
     view2/mask2: LUT's second view and its disjoint mask (`second_view_mask`); targets: 'lut_t1/2'
     (LUT), 'key1/2' (contrastive), 'gpa_target' [N, L] (MAM), all teacher outputs (no gradient).
+    mask/mask2 may stay on the CPU (the model checks them there and copies without blocking);
+    len_keep: every image's kept count where the caller knows it (model.given_mask).
     skip: enabled terms whose targets this batch lacks (a server's random-fallback batch has no
     gpa_target): still computed, on whatever targets were passed, so every DDP rank's graph
     reaches the same parameters, but weighted 0 and left out of parts.
     """
     w = {k: weights.get(k, 0.0) for k in TERMS}
-    latent, mask, ids_restore = model.forward_encoder(images, mask=mask)
+    latent, mask, ids_restore = model.forward_encoder(images, mask=mask, len_keep=len_keep)
     hidden = None
     if w["mto"] or w["mam"]:
         pred, hidden = model.forward_decoder(latent, ids_restore, mask, return_hidden=True)
@@ -111,7 +115,7 @@ def student_losses(model: MaskedAutoencoderViT, weights: dict, images: Tensor, m
     per_patch = patch_loss(pred, patchify(images, model.patch_size), model.norm_pix_loss)
     parts = {"mae": mae_loss(per_patch, mask)}
     if w["lut"]:
-        z2, _, _ = model.forward_encoder(view2, mask=mask2)
+        z2, mask2, _ = model.forward_encoder(view2, mask=mask2)   # a CPU mask2: its K read on the CPU
         # each view through the heads on its own: BN batch statistics per view
         q1 = model.predictor(model.projector(pooled(latent, (mask == 0).sum(dim=1))))
         q2 = model.predictor(model.projector(pooled(z2, (~mask2.bool()).sum(dim=1))))

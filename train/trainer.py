@@ -12,6 +12,7 @@ deterministic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from mimpipe.tools.argtypes import float_range, nonneg_float, nonneg_int, positi
 from mimpipe.tools.config import write_config
 from mimpipe.maskserver.client import batch_generator
 from mimpipe.maskserver.strategies import plb_update
+from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
 from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, plot_curves
@@ -66,6 +68,7 @@ class TrainConfig:
     sync_every: int = 1
     seed: int = 0
     init: str | None = None          # warm start: weights only (see warm_start)
+    device: str = "auto"             # auto | cuda | cpu (train/device.py)
     decoder: str = "dali"
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
@@ -100,14 +103,16 @@ class TrainConfig:
         return {k: getattr(self, k) for k in TERMS}
 
 
-def setup_distributed() -> tuple[int, int]:
+def setup_distributed(device: str = "auto") -> tuple[int, int]:
     """(rank, world size); on a GPU machine also makes this rank's GPU (torchrun's LOCAL_RANK) the
-    current device, before NCCL starts, so the model, DALI and the teacher all land on it."""
+    current device, before NCCL starts, so the model, DALI and the teacher all land on it. A GPU
+    that is meant but unusable is an error (train/device.py), never a silent CPU run."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
+    cuda = choose_device(device) == "cuda"
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -138,8 +143,8 @@ class Run:
         self.cfg, self.rank, self.world = cfg, rank, world
         # the current GPU (setup_distributed chose it) or the CPU; the loader's DALI graph decodes
         # onto the same device ('auto'), and masks and targets are moved there per step
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-            else torch.device("cpu")
+        self.device = torch.device("cuda", torch.cuda.current_device()) \
+            if choose_device(cfg.device) == "cuda" else torch.device("cpu")
         # the model at --img-size (MAE's --input_size: a new patch grid and sin-cos table)
         mc = model_config(cfg.model, img_size=cfg.img_size, norm_pix_loss=cfg.norm_pix_loss)
         self.manifest = load_manifest(cfg.shards)
@@ -173,7 +178,9 @@ class Run:
         M = mc.num_heads
         self.plb = {"p": None, "prev": None, "sum": torch.zeros(M, dtype=torch.float64),
                     "count": torch.zeros(M, dtype=torch.float64)}
-        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95))
+        # fused: one kernel for all parameters on CUDA (the foreach path otherwise)
+        self.opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=0.0, betas=(0.9, 0.95),
+                                     fused=self.device.type == "cuda")
         eff = cfg.batch_size * world * cfg.accum
         self.sched = Schedule(lr=cfg.lr if cfg.lr is not None else cfg.blr * eff / 256, epochs=cfg.epochs,
                               warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
@@ -252,7 +259,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     if not (resume or overwrite) and out.is_dir() and any(out.iterdir()):
         raise ValueError(f"--out {out} holds an earlier run: pass --resume to continue it or --overwrite "
                          f"to start again there")
-    rank, world = setup_distributed()
+    rank, world = setup_distributed(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, rank, world)
     steps = run.loader.steps
@@ -268,7 +275,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     run.start_masks()
     planned = cfg.epochs * steps   # schedules follow the planned run, not where --max-steps stops it
     total = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
-    stop = _stop_on_sigterm()
+    stop = StopSignal(world)
+    stopped = False
     run.masks.sync(run.it, run.model, run.ema)
     # every rank logs: per-rank data and mask waits are what profiling needs; rows past the
     # checkpoint (steps a killed run did after its last save) are dropped, they run again
@@ -276,7 +284,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                          config=asdict(cfg))
     progress = Progress(total, run.it, cfg.batch_size * world, enabled=rank == 0)
     acc = LossAccumulator()
-    while run.it < total and not stop["now"]:
+    while run.it < total and not stopped:
         epoch, start = divmod(run.it, steps)
         batches = run.loader.epoch(epoch, start)
         t_data = time.perf_counter()
@@ -286,11 +294,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 g["lr"] = lr_at(run.it / steps, run.sched)
             masks = run.masks.get(batch)
             t0 = time.perf_counter()
-            loss, parts, per_image = compute_losses(run, batch, masks)
-            (loss / cfg.accum).backward()
+            boundary = (run.it + 1) % cfg.accum == 0
+            # accumulation micro-steps keep their gradients local: one all-reduce per optimizer step
+            with run.ddp.no_sync() if world > 1 and not boundary else contextlib.nullcontext():
+                loss, parts, per_image = compute_losses(run, batch, masks)
+                (loss / cfg.accum).backward()
             if per_image is not None:   # idm masks: PLB statistics (docs/methods.md 5.3)
                 plb_feedback(run, batch, masks, per_image)
-            boundary = (run.it + 1) % cfg.accum == 0
             if boundary:
                 run.opt.step()
                 run.opt.zero_grad(set_to_none=True)
@@ -303,7 +313,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
             save = boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0
-            if run.it % cfg.log_every == 0 or run.it == total or save:
+            stopped = boundary and stop.agreed()
+            if run.it % cfg.log_every == 0 or run.it == total or save or stopped:
                 row = acc.pop(f"rank {rank}, epoch {epoch}, step {batch.step}")   # sync point: the losses
                 metrics.write({
                     "it": run.it, "epoch": epoch, "step": batch.step, **row,
@@ -311,21 +322,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
                     "fallback": masks.fallback})
                 progress.update(run.it, epoch, row, run.opt.param_groups[0]["lr"], print_every=cfg.print_every)
-            if save:
+            if save or stopped:
                 run.save()
-            if run.it >= total or (stop["now"] and boundary):
+            if run.it >= total or stopped:
                 break
             t_data = time.perf_counter()
         batches.close()
     acc.pop(f"rank {rank}, iteration {run.it}")   # nothing non-finite since the last row is saved either
-    run.save()
+    if not stopped:
+        run.save()
     run.masks.close()
     run.loader.close()
     metrics.close()
     progress.close()
     if rank == 0:
         plot_curves(out / "metrics.jsonl", out / "loss.png")
-    return {"it": run.it, "total": total, "stopped": run.it < total, "first_loss": progress.first_loss,
+        if stopped:
+            log.info("%s: stopped at iteration %d (epoch %d, step %d), checkpoint written", stop.signal or
+                     "a signal on another rank", run.it, *divmod(run.it, steps))
+    if world > 1:
+        dist.barrier()   # rank 0's checkpoint is on disk before any rank reports and exits
+        dist.destroy_process_group()
+    return {"it": run.it, "total": total, "stopped": stopped, "first_loss": progress.first_loss,
             "last_loss": progress.last_loss}
 
 
@@ -341,12 +359,14 @@ def compute_losses(run: Run, batch, masks):
     cfg, dev = run.cfg, run.device
     images = batch.images.to(dev, non_blocking=True)   # already there when DALI decoded on the GPU
     view2 = None if batch.view2 is None else batch.view2.to(dev, non_blocking=True)
-    mask = masks.mask.to(dev)
-    targets = {k: (v.float() if v.is_floating_point() else v).to(dev) for k, v in masks.extras.items()}
+    # the mask goes to the model as it came: a CPU mask is checked there and copied without
+    # blocking (model.given_mask); the teacher's targets likewise, through pinned memory
+    mask = masks.mask
+    targets = {k: to_device(v.float() if v.is_floating_point() else v, dev) for k, v in masks.extras.items()}
     mask2 = None
     if cfg.lut:   # CPU noise on every machine: the same draws as a CPU run's (CUDA's RNG differs)
         g = batch_generator(cfg.seed, batch.epoch, batch.step, run.rank)
-        mask2 = second_view_mask(masks.mask.cpu(), g).to(dev)
+        mask2 = second_view_mask(masks.mask.cpu(), g)   # host sync only for an in-loop GPU teacher's mask
     skip = ()
     if cfg.mam and "gpa_target" not in targets:
         if not masks.fallback:
@@ -354,18 +374,27 @@ def compute_losses(run: Run, batch, masks):
                              f"--masks inloop:gpa or a server with --strategy gpa; --masks {cfg.masks!r} "
                              f"gave {sorted(masks.extras) or 'no extras'}")
         # the server missed this batch and random masks stand in: no GPA target, no MAM term
-        targets["gpa_target"], skip = torch.zeros(mask.shape, device=dev), ("mam",)
+        targets["gpa_target"], skip = torch.zeros(tuple(mask.shape), device=dev), ("mam",)
     with _autocast(run.model):
         if cfg.contrastive or (cfg.lut and not {"lut_t1", "lut_t2"} <= targets.keys()):
             targets = {**ema_targets(run.ema, images, view2), **targets}
-        return run.ddp(images, mask, view2=view2, mask2=mask2, targets=targets,
+        return run.ddp(images, mask, len_keep=masks.len_keep, view2=view2, mask2=mask2, targets=targets,
                        want_per_image="heads" in masks.extras, skip=skip)
+
+
+def to_device(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor to the GPU without a host sync (a copy from pageable memory waits for the
+    stream); on the CPU, or already there, as it is."""
+    if dev.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(dev, non_blocking=True)
+    return t.to(dev)
 
 
 def plb_feedback(run: Run, batch, masks, per_image: torch.Tensor) -> None:
     """Per-head sums of the per-image losses (padding rows excluded): to the server, which updates
     p itself at its epoch end, or into this epoch's sums for an in-loop source."""
-    s, c = per_head_loss_stats(per_image.float().cpu(), masks.extras["heads"].long(), run.mc.num_heads,
+    # host sync (idm only): the per-image losses go to the server, or into the epoch sums, per step
+    s, c = per_head_loss_stats(per_image.float().cpu(), masks.extras["heads"].long().cpu(), run.mc.num_heads,
                                valid=torch.as_tensor(batch.valid))
     if isinstance(run.masks, ServerMasks):
         run.masks.client.send_feedback(batch.epoch, batch.step, s.numpy(), c.numpy())
@@ -408,16 +437,31 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _stop_on_sigterm() -> dict:
-    """SIGTERM ends the run at the next optimizer step, with a checkpoint (signal handlers can
-    only be installed from the main thread; elsewhere, e.g. under a test runner's thread, none)."""
-    flag = {"now": False}
+class StopSignal:
+    """SIGTERM / SIGINT end the run at the next optimizer step, with a checkpoint, on every rank at
+    the same iteration: a rank that stopped alone would leave the others hanging in NCCL, and a
+    late rank 0 would write no checkpoint. The flag is MAX-reduced over a gloo group each
+    optimizer step (CPU only: no GPU stream or host sync involved). Handlers can only be installed
+    from the main thread; elsewhere (a test runner's thread) signals are not caught."""
 
-    def handler(signum, frame):
-        flag["now"] = True
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-    return flag
+    def __init__(self, world: int):
+        self.local = False
+        self.signal: str | None = None
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.local, self.signal = True, signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        """True on every rank once any rank got a signal; a collective: call it at the same points."""
+        if self.group is None:
+            return self.local
+        flag = torch.tensor([int(self.local)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())   # a CPU tensor: no device sync
 
 
 def add_arguments(p) -> None:
@@ -436,6 +480,8 @@ def add_arguments(p) -> None:
     g.add_argument("--epochs", type=positive_int, default=d.epochs)
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many iterations "
                    "(the schedules still follow --epochs)")
+    g.add_argument("--device", default=d.device, choices=DEVICES, help="auto: this rank's GPU (LOCAL_RANK) "
+                   "where CUDA works; an unusable GPU that is meant is an error, pass cpu to mean the CPU")
     g.add_argument("--decoder", default=d.decoder, choices=["dali", "pil"])
     g.add_argument("--threads", type=positive_int, default=d.threads, help="decoder threads per rank")
     g.add_argument("--ckpt-every", type=nonneg_int, default=d.ckpt_every,
