@@ -17,8 +17,9 @@ Parameter names are timm's ViT names (train/model.py), plus 'projector.*' for th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -41,6 +42,18 @@ def default_source(strategy: str) -> str:
     on disk, so gpa falls back to the momentum teacher (a deviation the teacher logs)."""
     source = DEFAULT_SOURCE.get(strategy, "momentum")
     return "momentum" if source == "frozen" else source
+
+
+@contextlib.contextmanager
+def full_fp32() -> Iterator[None]:
+    """IEEE fp32 for cuDNN convolutions and CUDA matmuls inside (TF32 off), the previous flags after."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
 def cls_attention(q: Tensor, k: Tensor) -> Tensor:
@@ -105,15 +118,18 @@ class Teacher:
     """
 
     def __init__(self, model: str, source: str, *, strategy: str | None = None, block: int | None = None,
-                 projector_hidden: int | None = 4096, device: str | torch.device = "cpu"):
-        """model: a train/model.py variant name. source: 'online' | 'momentum' | 'frozen:PATH'.
+                 projector_hidden: int | None = 4096, device: str | torch.device = "cpu",
+                 img_size: int | None = None):
+        """model: a train/model.py variant name, built at img_size (default: the variant's), as the
+        student is with --img-size. source: 'online' | 'momentum' | 'frozen:PATH'.
         strategy, block: what an `online` teacher holds (the others hold the whole encoder).
         projector_hidden: hidden width of the momentum projector (LUT: 4096); None = no projector."""
         self.source, self.kind = source, source.split(":", 1)[0]
         self.device = torch.device(device)
-        self.cfg = model_config(model)
+        size = {} if img_size is None else {"img_size": img_size}
+        self.cfg = model_config(model, **size)
         self.version, self.step = -1, None
-        self.encoder = create_model(model, encoder_only=True)
+        self.encoder = create_model(model, encoder_only=True, **size)
         self.projector = None
         self._prefixes: tuple[str, ...] = ("",)  # every name starts with ""
         self._noted: set[str] = set()
@@ -206,9 +222,12 @@ class Teacher:
         if generator.device.type != self.device.type:
             raise ValueError(f"generator on {generator.device}, teacher on {self.device}: noise is drawn "
                              f"where the teacher tensors are")
-        inp = self.mask_inputs(images, strategy_name, block=block, progress=progress, head_probs=head_probs)
-        return get_strategy(strategy_name)(inp, ratio, generator=generator,
-                                           **strategy_options(strategy_name, self.cfg, options))
+        strategy = get_strategy(strategy_name)
+        # SBAM/AMR rank patches by unscaled x_i·x_j: TF32 (10 mantissa bits; torch's default for
+        # cuDNN convolutions) would give other masks on a GPU than the fp32 ones tested on the CPU
+        with full_fp32() if strategy.needs == "embed" else contextlib.nullcontext():
+            inp = self.mask_inputs(images, strategy_name, block=block, progress=progress, head_probs=head_probs)
+            return strategy(inp, ratio, generator=generator, **strategy_options(strategy_name, self.cfg, options))
 
     @torch.no_grad()
     def mask_inputs(self, images: Tensor, strategy_name: str, *, block: int | None = None,

@@ -271,3 +271,18 @@ def test_errors_name_the_problem(imgs):
         Teacher(MICRO, "ema")
     with pytest.raises(ValueError, match="pass strategy="):
         Teacher(MICRO, "online")
+
+
+@pytest.mark.parametrize("name", ["sbam", "amr", "gpa"])
+def test_embed_strategies_run_in_full_fp32_and_restore_the_flags(imgs, name):
+    """TF32 (torch's default for cuDNN convolutions on a GPU) is off while SBAM's embedding and
+    salience are computed, and back as it was afterwards; attention strategies keep the defaults."""
+    t = Teacher("mae_vit_micro_patch8_64", "momentum", projector_hidden=None)
+    t.load_state(create_model("mae_vit_micro_patch8_64", encoder_only=True).state_dict(), version=0, step=0)
+    seen = []
+    t.encoder.patch_embed.register_forward_hook(
+        lambda m, i, o: seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    t.compute(imgs, name, ratio=0.75, generator=torch.Generator().manual_seed(0))
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+    assert seen == [(False, False)] if name != "gpa" else seen == [before]
