@@ -10,8 +10,9 @@ Threads (zmq sockets are not thread-safe, so exactly one thread touches the sock
                     (one lock, so weights are swapped between batches), packs and encodes MASKS and
                     puts them on the rank's bounded queue (`--max-ahead`).
 A rank's HELLO with a cursor bumps its `generation`: the worker restarts there and queued
-batches of older generations are dropped. A worker whose loader or teacher fails reports ERROR
-WORKER (again at every heartbeat) and waits: the rank's next HELLO restarts it with a new loader.
+batches of older generations are dropped. A worker whose loader or teacher fails queues ERROR
+WORKER behind the batches it made (sent again at every heartbeat) and waits: the rank's next
+HELLO restarts it with a new loader.
 
 Runs (HELLO's run_id, restart_id = one launch of the run; protocol.py): the server serves one run
 at a time, because its teacher is shared. The teacher's weights belong to one launch (`session`):
@@ -90,6 +91,7 @@ class RankState:
     stop: threading.Event = field(default_factory=threading.Event)
     worker: threading.Thread | None = None
     failed: str | None = None  # the worker's failure, until a HELLO restarts it
+    held: tuple | None = None  # the queue's next item, taken out while it waits for a credit
 
 
 class MaskServer:
@@ -184,9 +186,9 @@ class MaskServer:
         if rank not in self.cfg.ranks:
             return self._error(identity, P.E_PLAN, f"rank {rank}: this server serves ranks {list(self.cfg.ranks)}")
         epoch, step = f["cursor"]
-        if step > self.steps or epoch >= self.cfg.epochs:
-            return self._error(identity, P.E_PLAN, f"rank {rank}: plan cursor {f['cursor']} outside the plan: "
-                               f"{self.steps} steps per epoch, epochs 0..{self.cfg.epochs - 1} (--epochs)")
+        if step > self.steps:
+            return self._error(identity, P.E_PLAN, f"rank {rank}: plan cursor {f['cursor']} > epoch length "
+                               f"{self.steps}")
         if step == self.steps:
             epoch, step = epoch + 1, 0
         run, launch = f.get("run_id", f["restart_id"]), f["restart_id"]
@@ -212,6 +214,7 @@ class MaskServer:
         st.start, st.failed = (epoch, step), None
         st.generation += 1  # after start: the worker reads generation first
         _drain(st.queue)
+        st.held = None
         self.by_identity[identity] = rank
         self.peer_errors.pop(identity, None)
         log.info("rank %d: %s at cursor (%d, %d), %d credits (run %s)", rank, what, epoch, step, st.credits,
@@ -340,13 +343,23 @@ class MaskServer:
             if now - st.last_seen > 3 * self.cfg.heartbeat:
                 self.free(st.rank, f"silent for {now - st.last_seen:.1f}s (> 3 heartbeats)")
                 continue
-            while st.credits > 0:
-                try:
-                    gen, epoch, step, fields, arrays = st.queue.get_nowait()
-                except queue.Empty:
-                    break
+            while True:
+                if st.held is None:
+                    try:
+                        st.held = st.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                gen, epoch, step, fields, arrays = st.held
                 if gen != st.generation:
+                    st.held = None
                     continue
+                if epoch is None:  # the worker's failure: after the batches it made before it, no credit
+                    st.held, st.last_sent = None, now
+                    yield st.identity, P.ProtocolError(P.E_WORKER, fields).frames()
+                    continue
+                if st.credits <= 0:
+                    break
+                st.held = None
                 st.credits -= 1
                 st.sent += 1
                 st.cursor = (epoch, step + 1)
@@ -354,9 +367,9 @@ class MaskServer:
                 yield st.identity, P.encode(P.MASKS, {**fields, "seq": st.seq}, arrays, check=False)
                 st.seq += 1
                 st.last_sent = now
-            if now - st.last_sent > self.cfg.heartbeat:  # a failed worker is reported instead, until a HELLO
+            if now - st.last_sent > self.cfg.heartbeat:  # a failed worker is reported again, until a HELLO
                 st.last_sent = now
-                failed = st.failed
+                failed = st.failed if st.held is None and st.queue.empty() else None
                 yield st.identity, (P.ProtocolError(P.E_WORKER, failed).frames() if failed else
                                     P.encode(P.HEARTBEAT, {"restart_id": self.server_id}))
 
@@ -384,7 +397,7 @@ class MaskServer:
                         loader.close()
                         loader = None
                     st.failed = f"rank {st.rank}: mask server worker failed: {e!r}"[:P.MAX_STR - 100]
-                    self.outbox.put((st.identity, P.ProtocolError(P.E_WORKER, st.failed).frames()))
+                    self._put(st, gen, (gen, None, None, st.failed, None))  # in order, after its batches
                     while gen == st.generation and not st.stop.is_set():
                         st.stop.wait(0.1)
         finally:
@@ -399,14 +412,18 @@ class MaskServer:
                 for batch in batches:
                     if st.stop.is_set() or gen != st.generation:
                         return
-                    item = (gen, batch.epoch, batch.step, *self._masks(st.rank, batch))
-                    while not (st.stop.is_set() or gen != st.generation):
-                        try:
-                            st.queue.put(item, timeout=0.1)  # at most --max-ahead batches ahead
-                            break
-                        except queue.Full:
-                            pass
+                    self._put(st, gen, (gen, batch.epoch, batch.step, *self._masks(st.rank, batch)))
             epoch, step = epoch + 1, 0
+
+    @staticmethod
+    def _put(st: RankState, gen: int, item: tuple) -> None:
+        """Onto the rank's queue (at most --max-ahead items ahead), unless stopped or superseded."""
+        while not (st.stop.is_set() or gen != st.generation):
+            try:
+                st.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
 
     def _masks(self, rank: int, batch) -> tuple[dict, dict]:
         """One decoded batch -> MASKS fields and arrays (pure apart from the teacher)."""

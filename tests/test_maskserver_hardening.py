@@ -144,7 +144,7 @@ def _damage(ds, copy: Path, plan: Plan, epoch: int, step: int) -> str:
 
 def test_damaged_shard_of_the_server_reaches_the_trainer(sample_ds, tmp_path):
     """The server's own copy of a shard is damaged: its worker for rank 0 fails at batch 3. Once it
-    waited forever (policy wait). Now the client restarts the worker with a HELLO once, and when it
+    waited forever (policy wait). Now the client restarts the worker with a HELLO, and when it
     fails again at the same batch, get raises naming the sample; the batches before it arrive."""
     plan = plans(sample_ds)[0]
     key = _damage(sample_ds, tmp_path / "copy", plan, 0, 3)
@@ -159,7 +159,8 @@ def test_damaged_shard_of_the_server_reaches_the_trainer(sample_ds, tmp_path):
         mb, err = get_within(c, plan, 0, 3)
         assert isinstance(err, MaskServerError), (mb, err)
         assert "rank 0" in str(err) and "worker" in str(err) and key in str(err), err
-        assert (tmp_path / "server.log").read_text().count("rank 0: mask worker failed") == 2  # restarted once
+        # the client's HELLO restarted the worker at least once before the repeat at batch 3 was final
+        assert (tmp_path / "server.log").read_text().count("rank 0: mask worker failed") >= 2
     finally:
         if c:
             c.close()
