@@ -139,8 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=rank_list, default=None,
                    help="ranks served: a comma list of ranks and ranges, e.g. 0-7 or 0-3,6 (default: all)")
     p.add_argument("--max-ahead", type=positive_int, default=4, help="batches queued per rank")
-    p.add_argument("--epochs", type=positive_int, default=100,
-                   help="the run's epochs: progress = epoch / epochs (gpa); a cursor past them is refused")
+    p.add_argument("--epochs", type=positive_int, default=100, help="for progress = epoch / epochs (gpa)")
     p.add_argument("--lut", action="store_true", help="send LUT targets (momentum teacher, 2 views)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="strategy option, repeatable (e.g. head=1 for gpa on a 2-head model)")
