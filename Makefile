@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 SAMPLE := shards/sample
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -37,6 +37,20 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/mimpipe bench
+
+# The GPU check runs where only torch + timm + msgpack are installed and mimpipe is not: no pip
+# install (that box reaches no registry). pyproject maps mimpipe.pipeline -> pipeline/ etc., so a
+# folder build/gpu-check-path/mimpipe/ of symlinks to the repository's folders is the package, and
+# the check runs from inside it (the repository root would shadow it with its bare mimpipe/).
+# Options: make gpu-check GPU_CHECK_ARGS='--device cpu --model mae_vit_micro_patch8_64 --small'
+GPU_PY   := $(if $(wildcard $(BIN)/python),$(CURDIR)/$(BIN)/python,python3)
+GPU_PATH ?= build/gpu-check-path
+gpu-check:
+	rm -rf $(GPU_PATH) && mkdir -p $(GPU_PATH)/mimpipe
+	ln -s $(CURDIR)/mimpipe/__init__.py $(GPU_PATH)/mimpipe/__init__.py
+	for d in pipeline maskserver train tools; do ln -s $(CURDIR)/$$d $(GPU_PATH)/mimpipe/$$d; done
+	cd $(GPU_PATH) && $(GPU_PY) -m mimpipe.tools.gpu_check \
+	    --out "$${OUT:-$(CURDIR)/runs}/gpu-check.json" $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SAMPLE) runs

@@ -24,6 +24,7 @@ COMMANDS = {
     "bench": ("mimpipe.tools.bench", "measure throughput of a stage against its baseline"),
     "maskserver": ("mimpipe.maskserver.serve", "serve attention-guided masks to trainer ranks over ZeroMQ"),
     "keys": ("mimpipe.maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
+    "doctor": ("mimpipe.tools.doctor", "facts for a bug report: versions, CUDA, GPUs, DALI, ZeroMQ; where a command runs"),
 }
 
 

@@ -1,0 +1,72 @@
+"""`mimpipe doctor`: the facts, the placement of a command line, and missing packages reported as
+'not installed' (a machine without them is simulated by blocking their import in a child process)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from mimpipe.tools import doctor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def doctor_json(*argv: str, block: tuple[str, ...] = ()) -> dict:
+    """`mimpipe doctor --json ARGV` in a child whose imports of `block` fail as if not installed."""
+    code = ("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in block) +
+            "from mimpipe.tools.cli import main\nsys.exit(main(['doctor', '--json', *sys.argv[1:]]))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def test_facts_name_versions_and_why_cuda_is_missing():
+    f = doctor.facts()
+    json.dumps(f)   # --json must not fail on any value
+    assert f["torch"] == torch.__version__ and f["python"] == sys.version.split()[0]
+    assert f["cuda_available"] == torch.cuda.is_available()
+    if not f["cuda_available"]:   # this machine: the reason, and DALI's HW decoder cannot be asked
+        assert f["cuda_unavailable_because"] and f["gpus"] == []
+        assert f["nvjpeg_hw_decoder"] in ("no GPU", "-")
+    for key in ("tf32_matmul", "tf32_cudnn", "nccl", "dali", "pyzmq", "webdataset", "timm", "msgpack"):
+        assert key in f, key
+    table = doctor.table(f)
+    assert "CUDA available" in table and "nvJPEG HW decoder" in table and len(table.splitlines()) < 30
+
+
+def test_train_command_placement_on_this_machine():
+    f = doctor_json("--", "train", "--shards", "x", "--masks", "inloop:gpa", "--model", "mae_vit_base_patch16")
+    p = f["placement"]
+    cuda = f["cuda_available"]
+    assert p["trainer_device"] == ("cuda:0" if cuda else "cpu")
+    assert p["autocast"] == ("bf16" if cuda else "fp32")
+    assert ("nccl" if cuda else "gloo") in p["ddp_backend"]
+    assert p["decode"].startswith("DALI mixed" if cuda else "DALI cpu")
+    assert p["teacher"].startswith("in the trainer")
+
+
+def test_maskserver_on_a_gpu_that_is_not_there_says_so():
+    f = doctor_json("--", "maskserver", "--shards", "x", "--strategy", "sbam", "--model", "mae_vit_base_patch16",
+                    "--device", "cuda:0", "--decoder", "pil", "--curve", "keys")
+    p = f["placement"]
+    if not f["cuda_available"]:
+        assert "CUDA is not available" in p["teacher_device"] and "fail" in p["teacher_device"]
+    assert p["teacher_dtype"].startswith("fp32") and p["decode"] == "PIL on the CPU"
+    assert "CURVE" in p["transport"]
+
+
+def test_missing_optional_packages_are_not_installed_never_a_crash():
+    f = doctor_json("--", "train", "--shards", "x", block=("zmq", "nvidia.dali"))
+    assert f["pyzmq"] == "not installed" and f["dali"] == "not installed"
+    # the trainer imports the mask client, hence pyzmq: the command itself cannot load
+    assert "cannot load here" in f["placement"]["error"] and "zmq" in f["placement"]["error"]
+    f = doctor_json("--", "maskserver", "--shards", "x", "--strategy", "sbam", "--model", "m", block=("nvidia.dali",))
+    assert "DALI not installed" in f["placement"]["decode"] and "--decoder pil" in f["placement"]["decode"]
+
+
+def test_a_bad_command_line_is_reported_not_raised():
+    f = doctor_json("--", "train", "--no-such-flag")
+    assert "does not parse" in f["placement"]["error"]
