@@ -145,6 +145,7 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_written(sample_ds, t
     train(cfg(sample_ds, tmp_path / "a", max_steps=1))
     state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     state["model"]["decoder_pred.weight"].fill_(float("nan"))
+    del state["digest"]   # a foreign file: no digest to fail first
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(RuntimeError, match=r"rank 0, epoch 0, step 0: loss nan.* stopping before any "
                                            r"checkpoint is written"):
@@ -165,3 +166,36 @@ def test_wandb_logs_the_metrics_offline(sample_ds, tmp_path, monkeypatch):
     (record,) = (tmp_path / "wandb").glob("offline-run-*/*.wandb")   # what `wandb sync` uploads
     blob = record.read_bytes()
     assert b"mimpipe-test" in blob and all(k in blob for k in (b"loss_mae", b"data_wait", b"lr"))
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(sample_ds, tmp_path):
+    """64 flipped bytes inside a tensor used to load silently and train on as NaN."""
+    train(cfg(sample_ds, tmp_path, max_steps=2))
+    path = tmp_path / "checkpoint.pt"
+    good = path.read_bytes()
+    w = torch.load(path, weights_only=True)["model"]["blocks.0.mlp.fc1.weight"]
+    at = good.find(w.numpy().tobytes()[:512])
+    assert at > 0
+    path.write_bytes(good[:at + 100] + bytes(b ^ 0xFF for b in good[at + 100:at + 164]) + good[at + 164:])
+    with pytest.raises(ValueError, match=rf"^{path}: damaged: its tensors do not match the digest"):
+        train(cfg(sample_ds, tmp_path, max_steps=4), resume=True)
+    for damaged, says in [(b"", "empty file"), (good[:len(good) // 2], "not a readable checkpoint")]:
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"^{path}: {says}") as e:
+            train(cfg(sample_ds, tmp_path, max_steps=4), resume=True)
+        assert "\n" not in str(e.value)
+    from mimpipe.train.model import read_checkpoint   # --init, eval and frozen teachers read the same way
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable checkpoint"):
+        read_checkpoint(str(path))
+
+
+def test_keep_last_and_epoch_snapshots(sample_ds, tmp_path):
+    """8 steps an epoch (120 images / 16): a checkpoint every 4 iterations, the last 3 kept, and
+    one every epoch kept for good."""
+    train(cfg(sample_ds, tmp_path, epochs=3, ckpt_every=4, keep_last=3, save_every_epochs=1))
+    names = sorted(p.name for p in tmp_path.glob("checkpoint*.pt"))
+    assert names == ["checkpoint-epoch0000.pt", "checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt",
+                     "checkpoint-it00000016.pt", "checkpoint-it00000020.pt", "checkpoint.pt"], names
+    its = {n: torch.load(tmp_path / n, weights_only=True)["it"] for n in names}
+    assert its == {"checkpoint-epoch0000.pt": 8, "checkpoint-epoch0001.pt": 16, "checkpoint-epoch0002.pt": 24,
+                   "checkpoint-it00000016.pt": 16, "checkpoint-it00000020.pt": 20, "checkpoint.pt": 24}

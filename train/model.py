@@ -10,8 +10,6 @@ forward_encoder, forward_decoder and forward_loss. mimpipe adds three things:
 Encoder parameters use timm's ViT names, so timm `vit_*` weights and MAE release weights both load.
 Mask convention everywhere: mask [N, L], 1/True = masked (MAE: 1 is remove), 0 = kept.
 """
-import pickle
-import re
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from mimpipe.train.checkpoint import load_checkpoint
 from mimpipe.train.losses import mae_loss, patch_loss
 from mimpipe.train.pos_embed import get_2d_sincos_pos_embed
 
@@ -393,17 +392,7 @@ def read_checkpoint(path: str, part: str = "model") -> Mapping[str, torch.Tensor
     """A weights file's state dict: `part` ('model' = student, 'ema' = teacher) of a mimpipe or MAE
     checkpoint, else the file itself (a timm state dict). weights_only: tensors and plain
     containers only, so a file can never run code here."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path!r}: no such file")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))  # e.g. a training run's argparse args
-        what = f"a pickled {found.group(1)}" if found else "objects other than tensors"
-        raise ValueError(f"{path}: holds {what}, which weights_only loading refuses; "
-                         f"re-save only {{'model': state_dict}}") from None
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: holds a {type(sd).__name__}, not a state dict")
+    sd = load_checkpoint(path)
     return sd[part] if isinstance(sd.get(part), Mapping) else sd
 
 

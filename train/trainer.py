@@ -33,6 +33,7 @@ from mimpipe.tools.argtypes import float_range, nonneg_float, nonneg_int, positi
 from mimpipe.tools.config import write_config
 from mimpipe.maskserver.client import batch_generator
 from mimpipe.maskserver.strategies import plb_update
+from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
@@ -42,7 +43,7 @@ from mimpipe.train.objective import TERMS, Student, attach_heads, ema_targets, s
 from mimpipe.train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
 
 log = logging.getLogger("mimpipe.train")
-CKPT_VERSION = 1
+CKPT_VERSION = 2   # 2: with a digest of every tensor (train/checkpoint.py)
 RUN_CONFIG = "config.yaml"   # OUT/config.yaml: the resolved flags; `--resume` reads it (tools/cli.py)
 
 
@@ -72,6 +73,8 @@ class TrainConfig:
     decoder: str = "dali"
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
+    keep_last: int = 1               # checkpoint.pt and the keep_last - 1 before it (checkpoint-it*.pt)
+    save_every_epochs: int = 0       # also checkpoint-epochE.pt every N epochs, kept (MAE: 20)
     log_every: int = 1               # metrics.jsonl rows (and the loss's host sync) every N iterations
     print_every: int = 20            # a progress line every N iterations when stderr is no terminal
     tensorboard: bool = False        # also RUN/tb (rank 0)
@@ -186,6 +189,7 @@ class Run:
                               warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
         self.mc, self.masks = mc, None   # the mask source starts at the cursor: see start_masks
         self.it = 0   # iterations done = epoch * steps + step of the next batch
+        self.saved_it: int | None = None   # of this run's checkpoint.pt (keep_last's links name it)
         if rank == 0:
             log.info("effective batch %d, peak lr %.3g, %d steps/epoch, plan %s",
                      eff, self.sched.lr, self.loader.steps, self.loader.plan.hash)
@@ -208,12 +212,29 @@ class Run:
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.opt.state_dict(), "plan_hash": self.loader.plan.hash,
                  "plb": dict(self.plb)}
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.ckpt_path)   # a crash mid-save leaves the previous checkpoint
+        out, steps = self.ckpt_path.parent, self.loader.steps
+        prev = self.saved_it
+        if self.cfg.keep_last > 1 and prev is not None and prev != self.it and self.ckpt_path.exists():
+            # the previous checkpoint stays as a hard link: checkpoint.pt is replaced, never missing
+            kept = out / f"checkpoint-it{prev:08d}.pt"
+            kept.unlink(missing_ok=True)
+            os.link(self.ckpt_path, kept)
+            for old in sorted(out.glob("checkpoint-it*.pt"))[:-(self.cfg.keep_last - 1)]:
+                old.unlink()
+        save_checkpoint(state, self.ckpt_path)
+        self.saved_it = self.it
+        every = self.cfg.save_every_epochs
+        if every and self.it % steps == 0 and (self.it // steps) % every == 0:
+            # MAE's checkpoint-<epoch>.pth: kept for good (a hard link, no second write)
+            snap = out / f"checkpoint-epoch{self.it // steps - 1:04d}.pt"
+            snap.unlink(missing_ok=True)
+            os.link(self.ckpt_path, snap)
 
     def load(self) -> None:
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(self.ckpt_path)
+        if state.get("version") != CKPT_VERSION:
+            raise ValueError(f"{self.ckpt_path}: checkpoint format {state.get('version')}, this mimpipe "
+                             f"writes and resumes {CKPT_VERSION}")
         if (was := state.get("config", {}).get("model")) != self.cfg.model:
             raise ValueError(f"{self.ckpt_path}: written by --model {was}, this run has --model "
                              f"{self.cfg.model}")
@@ -223,7 +244,7 @@ class Run:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
-        self.it = int(state["it"])
+        self.it = self.saved_it = int(state["it"])
         self.plb.update(state.get("plb") or {})
 
 
@@ -312,7 +333,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 plb_epoch_end(run)   # before any checkpoint at this iteration: it holds the new p
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
-            save = boundary and cfg.ckpt_every and run.it % cfg.ckpt_every == 0
+            save = boundary and ((cfg.ckpt_every and run.it % cfg.ckpt_every == 0) or (
+                cfg.save_every_epochs and run.it % (steps * cfg.save_every_epochs) == 0))
             stopped = boundary and stop.agreed()
             if run.it % cfg.log_every == 0 or run.it == total or save or stopped:
                 row = acc.pop(f"rank {rank}, epoch {epoch}, step {batch.step}")   # sync point: the losses
@@ -486,6 +508,10 @@ def add_arguments(p) -> None:
     g.add_argument("--threads", type=positive_int, default=d.threads, help="decoder threads per rank")
     g.add_argument("--ckpt-every", type=nonneg_int, default=d.ckpt_every,
                    help="iterations between checkpoints; 0 = at the end (and on SIGTERM) only")
+    g.add_argument("--keep-last", type=positive_int, default=d.keep_last,
+                   help="checkpoints kept: checkpoint.pt and the K-1 before it as checkpoint-itN.pt")
+    g.add_argument("--save-every-epochs", type=nonneg_int, default=d.save_every_epochs,
+                   help="also keep checkpoint-epochE.pt every N epochs (MAE keeps one every 20); 0 = off")
     g.add_argument("--log-every", type=positive_int, default=d.log_every,
                    help="iterations per metrics.jsonl row; each row is one host sync (GPU: use 20)")
     g.add_argument("--print-every", type=positive_int, default=d.print_every,
