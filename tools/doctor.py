@@ -6,7 +6,7 @@
 
 Every optional package is reported as 'not installed' (or 'unusable: why' when it is there but does
 not load); nothing here needs a GPU, DALI or pyzmq. The placement mirrors the code that decides it:
-train/trainer.py (setup_distributed, Run, _autocast), maskserver/serve.py (teacher device, decode
+train/device.py (choose_device), train/trainer.py (setup_distributed, _autocast), maskserver/serve.py (teacher device, decode
 device) and maskserver/teacher.py (fp32 embedding for sbam/amr, bf16 autocast otherwise on CUDA).
 """
 from __future__ import annotations
@@ -65,14 +65,8 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def driver() -> str:
-    """The NVIDIA driver version as the kernel module or nvidia-smi reports it."""
-    smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    if smi:
-        return smi.splitlines()[0]
-    proc = Path("/proc/driver/nvidia/version")
-    if proc.exists():
-        return proc.read_text().splitlines()[0]
-    return "no NVIDIA driver"
+    from mimpipe.train.device import driver_version
+    return driver_version() or "no NVIDIA driver"
 
 
 def cuda_facts() -> dict:
@@ -80,9 +74,9 @@ def cuda_facts() -> dict:
     if not torch.cuda.is_available():
         drv = driver()
         why = ("torch is a CPU-only build" if torch.version.cuda is None else
-               "no NVIDIA driver" if drv == "no NVIDIA driver" else
                f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every GPU"
                if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") else
+               "no NVIDIA driver" if drv == "no NVIDIA driver" else
                f"driver {drv} is there but torch cannot use it (too old for CUDA {torch.version.cuda}?)")
     gpus = []
     for i in range(torch.cuda.device_count() if why is None else 0):
@@ -176,6 +170,11 @@ def placement(args: argparse.Namespace, f: dict) -> dict:
     """What a parsed `mimpipe` command line runs on which device, on this machine."""
     cuda = f["cuda_available"]
     if args.command == "train":
+        from mimpipe.train.device import choose_device
+        try:   # the trainer's own rule: a GPU that is meant but unusable is an error, not a CPU run
+            cuda = choose_device(args.device) == "cuda"
+        except ValueError as e:
+            return {"trainer_device": f"none: the trainer will refuse to start: {e}"}
         world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
         gpu = f"cuda:{local}" if cuda else None
         ddp = ("nccl" if cuda else "gloo") if world > 1 else \

@@ -37,7 +37,7 @@ log = logging.getLogger("mimpipe.gpu_check")
 
 def add_arguments(p) -> None:
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                   help="default: cuda where available; cpu hides the GPUs (CUDA_VISIBLE_DEVICES='')")
+                   help="default: cuda where available")
     p.add_argument("--model", default="mae_vit_base_patch16")
     p.add_argument("--small", action="store_true", help="tiny data and few steps: the CPU dry run")
     p.add_argument("--budget-s", type=float, default=420.0,
@@ -47,15 +47,16 @@ def add_arguments(p) -> None:
                    "runs/gpu-check.json)")
 
 
-def check_config(args, work: Path) -> CheckConfig:
+def check_config(args, work: Path, deadline: float) -> CheckConfig:
     from mimpipe.train.model import model_config
     size = model_config(args.model).img_size
     threads = max(1, min(8, len(os.sched_getaffinity(0)) - 1))
     if args.small:
         return CheckConfig(args.device, args.model, size, images=40, decode_batches=(8, 16), timed_batches=2,
-                           train_batch=8, steps=3, parity_batch=8, threads=min(2, threads), work=work)
+                           train_batch=8, steps=3, parity_batch=8, threads=min(2, threads), work=work,
+                           deadline=deadline)
     return CheckConfig(args.device, args.model, size, images=512, decode_batches=(64, 256), timed_batches=6,
-                       train_batch=64, steps=20, parity_batch=32, threads=threads, work=work)
+                       train_batch=64, steps=20, parity_batch=32, threads=threads, work=work, deadline=deadline)
 
 
 def trainer_module():
@@ -67,7 +68,7 @@ def train_config(cfg: CheckConfig, data: Path, out: str, **kw):
     trainer = trainer_module()
     fields = dict(shards=str(data), out=str(cfg.work / out), model=cfg.model, batch_size=cfg.train_batch,
                   epochs=1000, max_steps=cfg.steps, warmup_epochs=0.0, decoder="dali" if has("nvidia.dali") else "pil",
-                  threads=cfg.threads, print_every=10**9)
+                  threads=cfg.threads, print_every=10**9, device=cfg.device)
     return trainer.TrainConfig(**{**fields, **kw})
 
 
@@ -115,14 +116,18 @@ def trainer_runs() -> dict[str, dict]:
 
 
 def trainer(cfg: CheckConfig, data: Path) -> dict:
-    res = {name: timed_train(cfg, train_config(cfg, data, f"train-{i}", **kw))
-           for i, (name, kw) in enumerate(trainer_runs().items())}
+    res, late = {}, []
+    for i, (name, kw) in enumerate(trainer_runs().items()):
+        if time.monotonic() > cfg.deadline:   # the lease ends the process: better a row with fewer runs
+            late.append(name)
+            continue
+        res[name] = timed_train(cfg, train_config(cfg, data, f"train-{i}", **kw))
     bad = [n for n, r in res.items() if not r["finite"]]
     if bad:
         raise RuntimeError(f"non-finite losses in {bad}")
     return {"summary": [f"{n}: loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, {r['step_s'] * 1e3:.0f} ms/step, "
-                                 f"data wait {r['data_wait_s'] * 1e3:.1f} ms" for n, r in res.items()],
-            "runs": res}
+                                 f"data wait {r['data_wait_s'] * 1e3:.1f} ms" for n, r in res.items()] + [f"{n}: skipped, time budget spent" for n in late],
+            "runs": res, "skipped_runs": late}
 
 
 def free_port() -> int:
@@ -177,9 +182,9 @@ ROWS = {"environment": environment, "decode": decode, "buffer_race": buffer_race
         "trainer": trainer, "throughput": throughput, "server": server, "resume": resume}
 
 
-def run_row(name: str, fn, cfg: CheckConfig, data, deadline: float) -> dict:
+def run_row(name: str, fn, cfg: CheckConfig, data) -> dict:
     """One row: ok with its numbers, skipped with the reason, or error with the message (never raises)."""
-    if time.monotonic() > deadline:
+    if time.monotonic() > cfg.deadline:
         return {"row": name, "status": "skipped", "reason": "time budget spent", "summary": ""}
     log.info("row %s", name)
     t0 = time.monotonic()
@@ -193,38 +198,44 @@ def run_row(name: str, fn, cfg: CheckConfig, data, deadline: float) -> dict:
     return {"row": name, "seconds": round(time.monotonic() - t0, 1), **out}
 
 
-def check(args) -> dict:
+def check(args, out: Path) -> dict:
+    """Every row in turn; the JSON is rewritten and the row's lines printed as each row ends, so a
+    run the lease cuts short still leaves what it measured."""
     from mimpipe.pipeline.manifest import load_manifest
     from mimpipe.tools.bench_loader import make_photos
     t_start = time.monotonic()
-    deadline = t_start + args.budget_s
     names = list(ROWS) if args.rows is None else [r.strip() for r in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         raise ValueError(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mimpipe-gpu-check-") as tmp:
-        cfg = check_config(args, Path(tmp))
+        cfg = check_config(args, Path(tmp), t_start + args.budget_s)
         photos = make_photos(cfg.work / "photos", cfg.images)
         manifest = load_manifest(photos)
-        setup_s = time.monotonic() - t_start
-        rows = [run_row(n, ROWS[n], cfg, photos if n in ("trainer", "server", "resume") else manifest, deadline)
-                for n in names]
-    return {"device": cfg.device, "model": cfg.model, "small": args.small, "budget_s": args.budget_s,
-            "package": str(Path(mimpipe.__file__).parent),   # where `mimpipe` came from (make gpu-check: symlinks)
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "work"},
-            "setup_s": round(setup_s, 1), "seconds": round(time.monotonic() - t_start, 1), "rows": rows}
+        r = {"device": cfg.device, "model": cfg.model, "small": args.small, "budget_s": args.budget_s,
+             "package": str(Path(mimpipe.__file__).parent),   # where `mimpipe` came from (make gpu-check: symlinks)
+             "config": {k: v for k, v in asdict(cfg).items() if k not in ("work", "deadline")},
+             "setup_s": round(time.monotonic() - t_start, 1), "rows": []}
+        print(header(r), flush=True)
+        for n in names:
+            r["rows"].append(run_row(n, ROWS[n], cfg, photos if n in ("trainer", "server", "resume") else manifest))
+            r["seconds"] = round(time.monotonic() - t_start, 1)
+            out.write_text(json.dumps(r, indent=1))
+            print(row_lines(r["rows"][-1]), flush=True)
+    return r
 
 
-def table(r: dict) -> str:
-    lines = [f"gpu-check: {r['model']} on {r['device']}{' (small)' if r['small'] else ''}, {r['seconds']} s "
-             f"of a {r['budget_s']:.0f} s budget (data {r['setup_s']} s)",
-             f"{'row':<16}{'status':<9}{'s':>6}  result"]
-    for row in r["rows"]:
-        text = row["summary"] if row["status"] == "ok" else row["reason"]
-        first, *more = [text] if isinstance(text, str) else text   # a row of several runs: one line each
-        lines.append(f"{row['row']:<16}{row['status']:<9}{row.get('seconds', 0):>6.1f}  {first}")
-        lines += [f"{'':<33}{t}" for t in more]
-    return "\n".join(lines)
+def header(r: dict) -> str:
+    return (f"gpu-check: {r['model']} on {r['device']}{' (small)' if r['small'] else ''}, {r['budget_s']:.0f} s "
+            f"budget, data {r['setup_s']} s\n{'row':<16}{'status':<9}{'s':>6}  result")
+
+
+def row_lines(row: dict) -> str:
+    text = row["summary"] if row["status"] == "ok" else row["reason"]
+    first, *more = [text] if isinstance(text, str) else text   # a row of several runs: one line each
+    return "\n".join([f"{row['row']:<16}{row['status']:<9}{row.get('seconds', 0):>6.1f}  {first}",
+                      *(f"{'':<33}{t}" for t in more)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,19 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    if args.device == "cpu":   # before CUDA initializes: the trainer and DALI take a visible GPU
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         from mimpipe.tools.doctor import cuda_facts
         p.error(f"--device cuda: CUDA is not available ({cuda_facts()['cuda_unavailable_because']})")
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else Path("runs")) / "gpu-check.json"
-    r = check(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(r, indent=1))
-    print(table(r))
-    print(f"JSON: {out}")
+    r = check(args, out)
+    print(f"{r['seconds']} s in all; JSON: {out}")
     return 1 if any(row["status"] == "error" for row in r["rows"]) else 0
 
 

@@ -37,6 +37,7 @@ class CheckConfig:
     parity_batch: int
     threads: int                  # decoder threads
     work: Path                    # scratch folder (data, runs)
+    deadline: float               # time.monotonic() after which no further run starts
 
     @property
     def cuda(self) -> bool:
@@ -92,13 +93,26 @@ def _batches(loader):
         yield from loader.epoch(epoch)
 
 
+def first_images(cfg: CheckConfig, data, batch: int) -> torch.Tensor:
+    """The first batch of epoch 0, decoded with PIL: the same real images for every comparison."""
+    loader = _loader(cfg, data, batch, "pil", "cpu")
+    it = loader.epoch(0)
+    try:
+        return next(it).images.clone()
+    finally:
+        it.close()
+        loader.close()
+
+
 def loader_rate(cfg: CheckConfig, loader, batches: int) -> tuple[float, torch.Tensor]:
     """(images/s over `batches` batches after the first, the first batch's images on the CPU).
     Like tools/bench_loader.loader_img_s, but with the GPU synchronized around the timed batches
     (a DALI mixed batch is a copy still in flight when the loader yields it)."""
     it = _batches(loader)
     try:
-        first = next(it).images.cpu()   # start-up (pipeline build, first allocations) is not throughput
+        # start-up (pipeline build, first allocations) is not throughput; a copy, as the loader
+        # recycles its output tensors
+        first = next(it).images.to("cpu", copy=True)
         t0 = clock(cfg)
         n = sum(len(next(it).sample_ids) for _ in range(batches))
         return n / (clock(cfg) - t0), first
@@ -213,7 +227,7 @@ def teacher_parity(cfg: CheckConfig, data) -> dict:
     from mimpipe.maskserver.teacher import strategy_options
     from mimpipe.tools.bench_teacher import bench_options
     from mimpipe.train.model import create_model
-    _, images = loader_rate(cfg, _loader(cfg, data, cfg.parity_batch, "pil", "cpu"), 0)
+    images = first_images(cfg, data, cfg.parity_batch)
     torch.manual_seed(0)
     weights = create_model(cfg.model, encoder_only=True, img_size=cfg.img_size).state_dict()
     res = {}
