@@ -113,7 +113,7 @@ def cfg(sample_ds, out, **kw) -> TrainConfig:
 
 def test_out_of_an_earlier_run_is_refused_without_resume_or_overwrite(sample_ds, tmp_path):
     train(cfg(sample_ds, tmp_path, max_steps=2))
-    with pytest.raises(ValueError, match="holds an earlier run: pass --resume .* or --overwrite"):
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint.pt, metrics.jsonl\): pass --resume .* or --overwrite"):
         train(cfg(sample_ds, tmp_path, max_steps=2))
     train(cfg(sample_ds, tmp_path, max_steps=3), overwrite=True)
     assert [json.loads(line)["it"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3]

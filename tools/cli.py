@@ -23,6 +23,7 @@ COMMANDS = {
     "profile": ("mimpipe.tools.profile", "where throughput goes: every stage alone and the whole system"),
     "bench": ("mimpipe.tools.bench", "measure throughput of a stage against its baseline"),
     "maskserver": ("mimpipe.maskserver.serve", "serve attention-guided masks to trainer ranks over ZeroMQ"),
+    "launch": ("mimpipe.tools.launch", "one node's mask servers and trainer ranks from one set of flags"),
     "keys": ("mimpipe.maskserver.keys", "CURVE key pairs for the mask server and its trainers"),
     "doctor": ("mimpipe.tools.doctor", "facts for a bug report: versions, CUDA, GPUs, DALI, ZeroMQ; where a command runs"),
 }
@@ -80,6 +81,7 @@ def config_layers(command: str, argv: list[str], run_config: str | None) -> list
     """[(source, tokens)] to put in front of the command's own flags, lowest precedence first:
     with `--resume`, OUT/RUN_CONFIG (the run's own resolved config), then `--config FILE`."""
     own = argv[argv.index(command) + 1:]
+    own = own[:own.index("--")] if "--" in own else own   # what follows `--` is another command's (launch)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--out", "--output_dir")

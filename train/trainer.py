@@ -119,6 +119,12 @@ def setup_distributed(device: str = "auto") -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def server_of(rank: int, servers: int, world: int) -> int:
+    """Which of `servers` listed endpoints serves `rank`: contiguous blocks of ranks (each server's
+    --ranks; tools/launch.py starts servers with exactly these)."""
+    return rank * servers // world
+
+
 def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_hash: str,
                cursor: tuple[int, int], device: torch.device):
     if cfg.masks == "random":
@@ -128,9 +134,8 @@ def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_h
                            rank=rank, source=cfg.teacher_source, epochs=cfg.epochs, device=device,
                            img_size=cfg.img_size)
     if cfg.masks.startswith(("tcp://", "ipc://")):
-        # several servers each serve a contiguous block of ranks (their --ranks)
         endpoints = cfg.masks.split(",")
-        return ServerMasks(endpoints[rank * len(endpoints) // world], strategy=cfg.strategy,
+        return ServerMasks(endpoints[server_of(rank, len(endpoints), world)], strategy=cfg.strategy,
                            model=cfg.model, source=cfg.teacher_source, rank=rank, world_size=world,
                            plan_hash=plan_hash, cursor=cursor, num_patches=num_patches,
                            ratio=cfg.mask_ratio, seed=cfg.seed, credits=cfg.credits,
@@ -277,9 +282,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         raise ValueError(f"--ckpt-every {cfg.ckpt_every} must be a multiple of --accum {cfg.accum}: "
                          f"a checkpoint holds no half-accumulated gradients")
     out = Path(cfg.out)
-    if not (resume or overwrite) and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out} holds an earlier run: pass --resume to continue it or --overwrite "
-                         f"to start again there")
+    # a run's own files, not whatever else shares the folder (launch's server logs, a job's output)
+    earlier = [p.name for pattern in ("checkpoint*.pt", "metrics*.jsonl") for p in out.glob(pattern)]
+    if not (resume or overwrite) and earlier:
+        raise ValueError(f"--out {out} holds an earlier run ({', '.join(sorted(earlier)[:3])}): pass --resume "
+                         f"to continue it or --overwrite to start again there")
     rank, world = setup_distributed(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, rank, world)
