@@ -6,13 +6,15 @@
 
 Every optional package is reported as 'not installed' (or 'unusable: why' when it is there but does
 not load); nothing here needs a GPU, DALI or pyzmq. The placement mirrors the code that decides it:
-train/device.py (choose_device), train/trainer.py (setup_distributed, _autocast), maskserver/serve.py (teacher device, decode
-device) and maskserver/teacher.py (fp32 embedding for sbam/amr, bf16 autocast otherwise on CUDA).
+train/device.py (choose_device), train/trainer.py (setup_distributed, _autocast), maskserver/serve.py
+(teacher device, decode device) and maskserver/teacher.py (fp32 embedding for sbam/amr, bf16
+autocast otherwise on CUDA).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import platform
@@ -23,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, packages_distributions, ver
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from mimpipe import __version__
 
@@ -103,9 +106,6 @@ def nvjpeg_hw() -> str:
     codec, why = _optional("nvidia.nvimgcodec")
     if codec is None:
         return f"unknown: nvImageCodec {why}"
-    import io
-
-    from PIL import Image
     buf = io.BytesIO()
     Image.new("RGB", (256, 256), (90, 140, 200)).save(buf, format="JPEG", quality=90)
     try:
@@ -198,7 +198,8 @@ def placement(args: argparse.Namespace, f: dict) -> dict:
                 "transport": f"pyzmq {f['pyzmq']}" + (f", CURVE {'yes' if f.get('curve') else 'NOT supported'}"
                                                       if args.curve else "")}
     if args.command == "eval":
-        return {"encoder_device": "cuda" if cuda else "cpu", "decode": decode_device("dali", "cuda" if cuda else None, f)}
+        return {"encoder_device": "cuda" if cuda else "cpu",
+                "decode": decode_device("dali", "cuda" if cuda else None, f)}
     return {"device": f"mimpipe {args.command} places nothing on a GPU"}
 
 

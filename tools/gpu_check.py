@@ -67,8 +67,8 @@ def trainer_module():
 def train_config(cfg: CheckConfig, data: Path, out: str, **kw):
     trainer = trainer_module()
     fields = dict(shards=str(data), out=str(cfg.work / out), model=cfg.model, batch_size=cfg.train_batch,
-                  epochs=1000, max_steps=cfg.steps, warmup_epochs=0.0, decoder="dali" if has("nvidia.dali") else "pil",
-                  threads=cfg.threads, print_every=10**9, device=cfg.device)
+                  epochs=1000, max_steps=cfg.steps, warmup_epochs=0.0, threads=cfg.threads, print_every=10**9,
+                  decoder="dali" if has("nvidia.dali") else "pil", device=cfg.device)
     return trainer.TrainConfig(**{**fields, **kw})
 
 
@@ -98,8 +98,8 @@ def timed_train(cfg: CheckConfig, tc) -> dict:
     wall_s = round((walls[cfg.steps] - walls[short]) / (cfg.steps - short), 4)
     host_s = per_step("data_wait", "mask_wait", "compute")
     step_s = wall_s if cfg.cuda else host_s
-    return {"steps": len(rows), "finite": all(map(math.isfinite, losses)), "first_loss": round(losses[0], 4),
-            "last_loss": round(losses[-1], 4), "step_s": step_s,
+    return {"decoder": tc.decoder, "steps": len(rows), "finite": all(map(math.isfinite, losses)),
+            "first_loss": round(losses[0], 4), "last_loss": round(losses[-1], 4), "step_s": step_s,
             "img_s": round(cfg.train_batch / step_s, 1) if step_s > 0 else None,
             "wall_diff_step_s": wall_s, "host_step_s": host_s,
             "data_wait_s": per_step("data_wait"), "mask_wait_s": per_step("mask_wait"),
@@ -125,9 +125,9 @@ def trainer(cfg: CheckConfig, data: Path) -> dict:
     bad = [n for n, r in res.items() if not r["finite"]]
     if bad:
         raise RuntimeError(f"non-finite losses in {bad}")
-    return {"summary": [f"{n}: loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, {r['step_s'] * 1e3:.0f} ms/step, "
-                                 f"data wait {r['data_wait_s'] * 1e3:.1f} ms" for n, r in res.items()] + [f"{n}: skipped, time budget spent" for n in late],
-            "runs": res, "skipped_runs": late}
+    lines = [f"{n}: loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, {r['step_s'] * 1e3:.0f} ms/step, "
+             f"data wait {r['data_wait_s'] * 1e3:.1f} ms ({r['decoder']})" for n, r in res.items()]
+    return {"summary": lines + [f"{n}: skipped, time budget spent" for n in late], "runs": res, "skipped_runs": late}
 
 
 def free_port() -> int:

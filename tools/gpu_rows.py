@@ -123,11 +123,14 @@ def loader_rate(cfg: CheckConfig, loader, batches: int) -> tuple[float, torch.Te
 
 def decoders(cfg: CheckConfig) -> tuple[list[tuple[str, str, str]], dict]:
     """[(name, decoder, device)] that can run here, and {name: why not} for the others."""
-    dali = has("nvidia.dali")
     runs, skipped = [("pil", "pil", "cpu")], {}
-    for name, device, why in (("dali_cpu", "cpu", None), ("dali_mixed", "gpu", None if cfg.cuda else "no CUDA")):
-        why = why if dali else "DALI not installed"
-        (skipped.__setitem__(name, why) if why else runs.append((name, "dali", device)))
+    if not has("nvidia.dali"):
+        return runs, {"dali_cpu": "DALI not installed", "dali_mixed": "DALI not installed"}
+    runs.append(("dali_cpu", "dali", "cpu"))
+    if cfg.cuda:
+        runs.append(("dali_mixed", "dali", "gpu"))
+    else:
+        skipped["dali_mixed"] = "no CUDA"
     return runs, skipped
 
 
@@ -145,9 +148,11 @@ def decode(cfg: CheckConfig, data) -> dict:
         d = (firsts[name] - firsts["pil"]).abs()
         res[name].update(max_abs_diff_vs_pil=round(float(d.max()), 4), mean_abs_diff_vs_pil=round(float(d.mean()), 5))
     if "dali_mixed" in res:
-        res["dali_mixed"]["max_abs_diff_vs_dali_cpu"] = round(float((firsts["dali_mixed"] - firsts["dali_cpu"]).abs().max()), 4)
+        d = (firsts["dali_mixed"] - firsts["dali_cpu"]).abs()
+        res["dali_mixed"]["max_abs_diff_vs_dali_cpu"] = round(float(d.max()), 4)
     b = cfg.decode_batches[-1]
-    summary = ", ".join(f"{n} {r[f'img_s_b{b}']:.0f} img/s (diff {r['mean_abs_diff_vs_pil']:.4f})" for n, r in res.items())
+    summary = ", ".join(f"{n} {r[f'img_s_b{b}']:.0f} img/s (mean diff to PIL {r['mean_abs_diff_vs_pil']:.4f})"
+                        for n, r in res.items())
     return {"summary": f"batch {b}: {summary}" + "".join(f"; {n} skipped: {w}" for n, w in skipped.items()),
             "decoders": res, "skipped": skipped}
 
@@ -243,7 +248,8 @@ def teacher_parity(cfg: CheckConfig, data) -> dict:
         res[s] = {}
         for on in (False, True):
             with tf32(on):
-                res[s][f"tf32_{'on' if on else 'off'}"] = round(float((masks(gpu, images.cuda()) == ref).float().mean()), 4)
+                same = masks(gpu, images.cuda()) == ref
+                res[s][f"tf32_{'on' if on else 'off'}"] = round(float(same.float().mean()), 4)
     low = min(v for r in res.values() for v in r.values())
     return {"summary": f"{cfg.parity_batch} images; mask agreement CPU vs GPU, min {low:.4f}: " +
                        ", ".join(f"{s} {r['tf32_off']:.3f}/{r['tf32_on']:.3f}" for s, r in res.items()) +
@@ -253,7 +259,6 @@ def teacher_parity(cfg: CheckConfig, data) -> dict:
 def throughput(cfg: CheckConfig, data) -> dict:
     """Student training step and teacher + strategy, images/s (bf16 autocast on CUDA, fp32 on the
     CPU), next to tools/profile.py's MAC model: trainers one teacher feeds = student / teacher MACs."""
-    from mimpipe.maskserver.teacher import Teacher, default_source
     from mimpipe.tools.profile import student_macs, teacher_macs
     from mimpipe.train.model import MaskedAutoencoderViT, model_config
     mc, dev, B = model_config(cfg.model, img_size=cfg.img_size), torch.device(cfg.device), cfg.train_batch
@@ -281,12 +286,12 @@ def throughput(cfg: CheckConfig, data) -> dict:
     del model, opt
     weights = MaskedAutoencoderViT(mc, encoder_only=True).state_dict()
     for s in ("sbam", "gpa", "idm"):
-        t = Teacher(cfg.model, default_source(s), strategy=s, projector_hidden=None, device=dev, img_size=cfg.img_size)
-        t.load_state({k: weights[k] for k in t.held}, version=0, step=0)
+        t = teacher_on(cfg, s, dev, weights)
         img_s = rate(lambda g: t.compute(x, s, ratio=RATIO, generator=g, progress=PROGRESS), cfg.steps)
         macs = teacher_macs(mc, s)
         res[s] = {"img_s": round(img_s, 1), "gmac": round(macs / 1e9, 3),
-                  "feeds_model": round(student_macs(mc) / macs, 1), "feeds_measured": round(img_s / res["student"]["img_s"], 1)}
+                  "feeds_model": round(student_macs(mc) / macs, 1),
+                  "feeds_measured": round(img_s / res["student"]["img_s"], 1)}
     res["summary"] = (f"{res['dtype']}, batch {B}: student {res['student']['img_s']:.0f} img/s; teacher " +
                       ", ".join(f"{s} {res[s]['img_s']:.0f} img/s (feeds {res[s]['feeds_measured']} measured / "
                                 f"{res[s]['feeds_model']} MAC model)" for s in ("sbam", "gpa", "idm")))
