@@ -40,7 +40,7 @@ def add_arguments(p) -> None:
                    help="default: cuda where available")
     p.add_argument("--model", default="mae_vit_base_patch16")
     p.add_argument("--small", action="store_true", help="tiny data and few steps: the CPU dry run")
-    p.add_argument("--budget-s", type=float, default=420.0,
+    p.add_argument("--budget-s", type=float, default=360.0,
                    help="rows not started within this many seconds are skipped (the GPU lease is 8 min)")
     p.add_argument("--rows", default=None, help="comma list of rows to run (default: all)")
     p.add_argument("--out", type=Path, default=None, help="JSON file (default $OUT/gpu-check.json or "
