@@ -2,6 +2,7 @@
 'not installed' (a machine without them is simulated by blocking their import in a child process)."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -70,3 +71,14 @@ def test_missing_optional_packages_are_not_installed_never_a_crash():
 def test_a_bad_command_line_is_reported_not_raised():
     f = doctor_json("--", "train", "--no-such-flag")
     assert "does not parse" in f["placement"]["error"]
+
+
+def test_maskserver_placement_on_a_gpu_machine():
+    """The placement rules with CUDA present (this machine has none: the facts say it has)."""
+    f = {**doctor.facts(), "cuda_available": True, "dali": "2.4.0", "pyzmq": "27.3.0", "curve": True}
+    args = argparse.Namespace(command="maskserver", device="cuda:1", strategy="gpa", decoder="dali", curve=None)
+    p = doctor.placement(args, f)
+    assert p == {"teacher_device": "cuda:1", "teacher_dtype": "bf16 autocast",
+                 "decode": "DALI mixed (nvJPEG on cuda:1)", "transport": "pyzmq 27.3.0"}
+    assert doctor.placement(argparse.Namespace(**{**vars(args), "strategy": "sbam"}), f)["teacher_dtype"] \
+        == "fp32 (the embedding only)"

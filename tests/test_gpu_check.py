@@ -8,11 +8,14 @@ import json
 import math
 import shutil
 import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from mimpipe.tools.gpu_check import ROWS
+from mimpipe.tools.gpu_check import ROWS, run_row
+from mimpipe.tools.gpu_rows import CheckConfig, Skip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +66,21 @@ def test_resume_equals_uninterrupted_and_buffers_do_not_race(report):
     assert rows["resume"]["equal"] is True and rows["resume"]["diff"] == 0.0
     assert rows["buffer_race"]["race_free"] is True
     assert rows["decode"]["decoders"]["dali_cpu"]["mean_abs_diff_vs_pil"] < 0.02   # README: below 0.02
+
+
+def test_a_failing_or_late_row_is_reported_never_raised(tmp_path):
+    cfg = CheckConfig("cpu", "mae_vit_micro_patch8_64", 64, images=1, decode_batches=(1,), timed_batches=1,
+                      train_batch=1, steps=1, parity_batch=1, threads=1, work=tmp_path,
+                      deadline=time.monotonic() + 60)
+
+    def broken(cfg, data):
+        raise ValueError("shard x: bad")
+
+    def missing(cfg, data):
+        raise Skip("zmq not installed")
+    assert run_row("r", broken, cfg, None) | {"seconds": 0, "traceback": ""} == {
+        "row": "r", "status": "error", "reason": "ValueError: shard x: bad", "summary": "", "seconds": 0,
+        "traceback": ""}
+    assert run_row("r", missing, cfg, None)["reason"] == "zmq not installed"
+    late = replace(cfg, deadline=time.monotonic() - 1)
+    assert run_row("r", broken, late, None)["reason"] == "time budget spent"
