@@ -81,4 +81,12 @@ def test_maskserver_placement_on_a_gpu_machine():
     assert p == {"teacher_device": "cuda:1", "teacher_dtype": "bf16 autocast",
                  "decode": "DALI mixed (nvJPEG on cuda:1)", "transport": "pyzmq 27.3.0"}
     assert doctor.placement(argparse.Namespace(**{**vars(args), "strategy": "sbam"}), f)["teacher_dtype"] \
-        == "fp32 (the embedding only)"
+        == "fp32 embedding"
+
+
+def test_train_on_a_gpu_that_is_not_there_is_a_refusal():
+    """--device cuda without CUDA: the trainer's own rule (train/device.py) refuses; doctor says so."""
+    if torch.cuda.is_available():
+        return
+    args = argparse.Namespace(command="train", device="cuda", masks="random", decoder="dali")
+    assert doctor.placement(args, doctor.facts())["trainer_device"].startswith("none: the trainer will refuse")

@@ -154,7 +154,7 @@ def teacher_dtype(strategy: str, cuda: bool) -> str:
     if strategy == "random":
         return "no teacher"
     if strategy in ("sbam", "amr"):
-        return "fp32 (the embedding only)"
+        return "fp32 embedding"
     return "bf16 autocast" if cuda else "fp32"
 
 

@@ -259,6 +259,7 @@ def teacher_parity(cfg: CheckConfig, data) -> dict:
 def throughput(cfg: CheckConfig, data) -> dict:
     """Student training step and teacher + strategy, images/s (bf16 autocast on CUDA, fp32 on the
     CPU), next to tools/profile.py's MAC model: trainers one teacher feeds = student / teacher MACs."""
+    from mimpipe.tools.doctor import teacher_dtype
     from mimpipe.tools.profile import student_macs, teacher_macs
     from mimpipe.train.model import MaskedAutoencoderViT, model_config
     mc, dev, B = model_config(cfg.model, img_size=cfg.img_size), torch.device(cfg.device), cfg.train_batch
@@ -289,10 +290,10 @@ def throughput(cfg: CheckConfig, data) -> dict:
         t = teacher_on(cfg, s, dev, weights)
         img_s = rate(lambda g: t.compute(x, s, ratio=RATIO, generator=g, progress=PROGRESS), cfg.steps)
         macs = teacher_macs(mc, s)
-        res[s] = {"img_s": round(img_s, 1), "gmac": round(macs / 1e9, 3),
+        res[s] = {"img_s": round(img_s, 1), "gmac": round(macs / 1e9, 3), "dtype": teacher_dtype(s, cfg.cuda),
                   "feeds_model": round(student_macs(mc) / macs, 1),
                   "feeds_measured": round(img_s / res["student"]["img_s"], 1)}
-    res["summary"] = (f"{res['dtype']}, batch {B}: student {res['student']['img_s']:.0f} img/s; teacher " +
-                      ", ".join(f"{s} {res[s]['img_s']:.0f} img/s (feeds {res[s]['feeds_measured']} measured / "
+    res["summary"] = (f"batch {B}: student ({res['dtype']}) {res['student']['img_s']:.0f} img/s; teacher " +
+                      ", ".join(f"{s} ({res[s]['dtype']}) {res[s]['img_s']:.0f} img/s (feeds {res[s]['feeds_measured']} measured / "
                                 f"{res[s]['feeds_model']} MAC model)" for s in ("sbam", "gpa", "idm")))
     return res
