@@ -4,21 +4,37 @@ Vectorized over the batch (a per-image torchvision call costs ~1 s per batch of 
 Semantics follow torchvision's tensor functions: brightness scales; contrast and saturation blend
 with the grayscale mean / grayscale image; hue rotates in HSV; then exactly one of grayscale,
 solarize (x >= 0.5 -> 1 - x, PIL's threshold 128) or a Gaussian blur of per-image sigma.
+
+On a GPU nothing here reads the device: the parameters arrive as the plan's CPU numbers (the
+blur's kernel size is decided from them on the CPU) and are copied from pinned memory without
+blocking; constants are made once per device.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 GRAY = (0.2989, 0.587, 0.114)   # torchvision rgb_to_grayscale
+OP_BLUR = 2                     # plan.color_params column 5: 0 grayscale, 1 solarize, 2 blur
+
+
+@functools.cache
+def device_constant(values: tuple[float, ...], device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[1, C, 1, 1] on `device`, made once: torch.tensor(list, device="cuda") is a
+    blocking host-to-device copy, which per batch would stall the producer on the GPU's queue."""
+    # host sync: once per (values, device, dtype); the copy completes before this returns, so
+    # the constant is ready for every stream that uses it later
+    return torch.tensor(values, dtype=dtype, device=device).view(1, -1, 1, 1)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 1, H, W]"""
-    w = torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return (x * device_constant(GRAY, x.device, x.dtype)).sum(1, keepdim=True)
 
 
 def _rgb_to_hsv(x):
@@ -46,10 +62,18 @@ def _hsv_to_rgb(h, s, v):
     return table.gather(0, i[None, :, None].expand(1, -1, 3, -1, -1))[0]
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Separable blur, one sigma per image, reflect padding, kernel 2*ceil(3*max sigma)+1."""
+def blur_radius(params: np.ndarray) -> int:
+    """The blur kernel's half-width for a batch of plan.color_params rows, decided on the CPU:
+    max(1, ceil(3 * the batch's largest sigma)), or 0 when no image of the batch is blurred."""
+    if not (params[:, 5] == OP_BLUR).any():
+        return 0
+    return max(1, math.ceil(3 * float(params[:, 6].max())))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable blur, one sigma per image, reflect padding, kernel 2*radius+1."""
     B, C, H, W = x.shape
-    r = max(1, math.ceil(3 * float(sigma.max())))
+    r = radius
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)[None] / sigma[:, None]) ** 2)
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)          # [B*C, 2r+1]
     y = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="reflect")
@@ -58,10 +82,15 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(B, C, H, W)
 
 
-def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """x: [B, 3, H, W] in [0, 1]; params: [B, 7] from plan.color_params
-    (jitter on, brightness, contrast, saturation, hue, op, sigma) -> [B, 3, H, W] in [0, 1]."""
-    p = params.to(x.dtype)
+def color_augment(x: torch.Tensor, params: np.ndarray) -> torch.Tensor:
+    """x: [B, 3, H, W] in [0, 1], on any device; params: [B, 7] float32 numpy from
+    plan.color_params (jitter on, brightness, contrast, saturation, hue, op, sigma), on the CPU
+    -> [B, 3, H, W] in [0, 1]."""
+    radius = blur_radius(params)
+    p = torch.from_numpy(params)
+    if x.is_cuda:
+        p = p.pin_memory()   # so that the copy below is queued on the current stream, not waited for
+    p = p.to(x.device, x.dtype, non_blocking=True)
     col = lambda j: p[:, j].view(-1, 1, 1, 1)  # noqa: E731
     x = (x * col(1)).clamp(0, 1)
     mean = grayscale(x).mean((1, 2, 3), keepdim=True)
@@ -72,5 +101,5 @@ def color_augment(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     op = p[:, 5].long().view(-1, 1, 1, 1)
     gray = grayscale(x).expand_as(x)
     solar = torch.where(x >= 0.5, 1.0 - x, x)
-    blurred = gaussian_blur(x, p[:, 6]) if bool((op == 2).any()) else x
+    blurred = gaussian_blur(x, p[:, 6], radius) if radius else x
     return torch.where(op == 0, gray, torch.where(op == 1, solar, blurred))

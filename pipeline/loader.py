@@ -1,12 +1,21 @@
 """The iterator trainers and the mask server share: plan -> reader -> decoder -> Batch.
 
 A background thread runs ahead by `prefetch` batches; the reads of batch k+1 are in flight while
-batch k decodes. Each Batch carries its (epoch, step), sample ids and the time it spent waiting
-for bytes and decoding, for profiling.
+batch k decodes, and the decoder holds up to its depth of batches in flight (DALI: `dali_prefetch`
+runs on its pipelined executor). Each Batch carries its (epoch, step), sample ids and the time it
+spent waiting for bytes and decoding, for profiling.
 
 Image tensors are recycled, as with DALIGenericIterator, but one batch later: batch k stays valid
-while batch k+1 is taken and used (the "prefetch the next batch during this step" pattern), and is
-overwritten after that. `.clone()` (or move to the GPU) what must live longer.
+while batch k+1 is taken and used (the "prefetch the next batch during this step" pattern); asking
+for batch k+2 releases batch k, whose tensors may then be overwritten. `.clone()` (or move to the
+GPU) what must live longer.
+
+On a GPU, batches are handed over between CUDA streams without a host sync: the decoder works on
+its own stream, and the consumer's current stream (on the decoder's device, in the thread that
+iterates) waits on the batch's event when it is handed out; at release an event on that stream
+marks the end of the consumer's use, and the decoder's stream waits on it before the tensors are
+reused (decode.py OutputRing). A consumer must therefore queue its work on a batch on the stream
+that is current when it takes the batch, or make that stream wait for its own.
 """
 from __future__ import annotations
 
@@ -14,12 +23,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from mimpipe.pipeline.decode import MAX_DECODE_PIXELS, DecodeError, check_decodable, make_decoder
+from mimpipe.pipeline.decode import (HW_DECODER_LOAD, MAX_DECODE_PIXELS, DecodeError, Decoded,
+                                     check_decodable, make_decoder)
 from mimpipe.pipeline.plan import Plan, PlanConfig, PlannedBatch
 from mimpipe.pipeline.reader import ChecksumError, ShardReader
 
@@ -37,16 +48,33 @@ class Batch:
     step: int
     view2: torch.Tensor | None = None
     read_s: float = 0.0           # waiting for bytes (after read-ahead)
-    decode_s: float = 0.0
+    decode_s: float = 0.0         # submitting to the decoder and waiting for its output
     replaced: int = 0             # bad samples replaced in this batch (on_error='skip')
+    _decoded: Decoded | None = field(default=None, repr=False)   # the decoder's, for release
+
+
+@dataclass
+class _InFlight:
+    """A batch read and screened, submitted to the decoder and not yet collected."""
+    pb: PlannedBatch
+    encoded: list
+    read_s: float
+    replaced: int
+    decode_s: float = 0.0
 
 
 class Loader:
     def __init__(self, manifest, cfg: PlanConfig, rank: int = 0, *, decoder: str = "dali",
                  threads: int = 2, prefetch: int = 2, device: str = "auto",
                  device_id: int | None = None, on_error: str = "raise",
-                 max_pixels: int | None = MAX_DECODE_PIXELS):
-        """on_error: what a bad sample (bytes failing their checksum, an image over `max_pixels`,
+                 max_pixels: int | None = MAX_DECODE_PIXELS, dali_prefetch: int = 2,
+                 hw_decoder_load: float = HW_DECODER_LOAD):
+        """threads: DALI CPU threads of this rank's pipeline (one pipeline per rank, i.e. per
+        GPU), and as many reader threads. prefetch: batches ready ahead of the consumer.
+        dali_prefetch: batches DALI's executor has in flight (its prefetch_queue_depth).
+        hw_decoder_load: the share of JPEGs nvJPEG's hardware decoder takes on A100/H100
+        (ignored on the CPU).
+        on_error: what a bad sample (bytes failing their checksum, an image over `max_pixels`,
         bytes that do not decode) does: "raise" a DecodeError naming shard and key, or "skip":
         replace it by the next sample id that passes (the same in every process, given the same
         max_pixels). max_pixels: the most pixels (stored width x height, from the table) a
@@ -55,6 +83,10 @@ class Loader:
             raise ValueError(f"on_error {on_error!r}: choose raise or skip")
         if max_pixels is not None and max_pixels < 1:
             raise ValueError(f"max_pixels {max_pixels}: must be at least 1 (or None: no cap)")
+        if dali_prefetch < 1:
+            raise ValueError(f"dali_prefetch {dali_prefetch}: must be at least 1")
+        if not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load {hw_decoder_load}: must be in [0, 1]")
         self.m, self.plan, self.on_error, self.prefetch = manifest, Plan(manifest, cfg, rank), on_error, prefetch
         self.max_pixels = max_pixels
         if max_pixels is not None and len(manifest):
@@ -68,9 +100,10 @@ class Loader:
         self.decoder = make_decoder(decoder, img_size=cfg.img_size, n_views=len(cfg.views),
                                     color_views=color, batch_size=cfg.batch_size, threads=threads,
                                     interpolation=cfg.interpolation, device=device, device_id=device_id,
-                                    buffers=prefetch + 3)   # see the module docstring
+                                    prefetch=dali_prefetch, hw_decoder_load=hw_decoder_load)
         self.replaced = 0
         self._running: set = set()   # producers of unfinished epoch() iterators
+        self._handed: deque[Batch] = deque()   # handed out and not released, oldest first
 
     @property
     def steps(self) -> int:
@@ -85,24 +118,44 @@ class Loader:
         t.start()
         self._running.add((stop, t, q))
         try:
-            while (item := q.get()) is not _END:
+            while True:
+                # the consumer asks for the next batch: it is done with all but the newest one
+                # handed out (also across epochs)
+                while len(self._handed) > 1:
+                    self.decoder.release(self._handed.popleft()._decoded)
+                if (item := q.get()) is _END:
+                    break
                 if isinstance(item, BaseException):
                     raise item
+                self._hand_out(item)
                 yield item
         finally:
             self._halt((stop, t, q))
 
+    def _hand_out(self, batch: Batch) -> None:
+        d = batch._decoded
+        if d.ready is not None:
+            stream = torch.cuda.current_stream(self.decoder.device)
+            stream.wait_event(d.ready)   # queued on the consumer's stream, no host sync
+            for t in d.views:   # the colour views are fresh allocations of the decoder's stream
+                t.record_stream(stream)
+        self._handed.append(batch)
+
     def _halt(self, producer) -> None:
         stop, t, q = producer
         stop.set()
-        while t.is_alive():   # unblock a producer waiting on a full queue
+        while t.is_alive() or not q.empty():   # unblock a producer waiting on a full queue
             try:
-                q.get_nowait()
+                item = q.get_nowait()
             except queue.Empty:
                 t.join(0.01)
+                continue
+            if isinstance(item, Batch):   # never handed out: its tensors go straight back
+                self.decoder.release(item._decoded, used=False)
         self._running.discard(producer)
 
     def _produce(self, epoch: int, start: int, q: queue.Queue, stop: threading.Event) -> None:
+        window: deque[_InFlight] = deque()   # submitted to the decoder, oldest first
         try:
             planned = self.plan.batches(epoch, start)
             nxt = next(planned, None)
@@ -111,43 +164,86 @@ class Loader:
                 cur, cur_pending = nxt, pending
                 nxt = next(planned, None)
                 t0 = time.perf_counter()
-                encoded = cur_pending.results()   # a ChecksumError stands in for damaged bytes
-                t1 = time.perf_counter()
-                # prefetch the next batch's bytes while this one decodes
-                pending = self.reader.prefetch(nxt.sample_ids) if nxt is not None else None
-                batch = self._decode(cur, encoded)
-                batch.read_s, batch.decode_s = t1 - t0, time.perf_counter() - t1
-                q.put(batch)
+                try:
+                    encoded = cur_pending.results()   # a ChecksumError stands in for damaged bytes
+                    t1 = time.perf_counter()
+                    # prefetch the next batch's bytes while this one decodes
+                    pending = self.reader.prefetch(nxt.sample_ids) if nxt is not None else None
+                    window.append(self._screened(cur, encoded, t1 - t0))
+                except Exception:   # this batch cannot be had: the ones before it come first
+                    while window:
+                        q.put(self._collect(window))
+                    raise
+                self._submit(window)
+                if len(window) == self.decoder.depth:
+                    q.put(self._collect(window))
+            while window and not stop.is_set():
+                q.put(self._collect(window))
             q.put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             q.put(e)
+        finally:
+            self.decoder.discard()   # what a stopped or failed epoch left in flight
 
-    def _decode(self, pb: PlannedBatch, encoded: list) -> Batch:
+    def _screened(self, pb: PlannedBatch, encoded: list, read_s: float) -> _InFlight:
+        """What must never reach the decoder replaced (or raised): bytes that fail their
+        checksum (DALI can crash the process on hostile bytes) and images over the pixel cap
+        (memory)."""
         replaced = 0
-        # what must never reach the decoder: bytes that fail their checksum (DALI can crash the
-        # process on hostile bytes) and images over the pixel cap (memory)
         for j in range(len(encoded)):
             if (why := self._screen(int(pb.sample_ids[j]), encoded[j])) is not None:
                 pb = self._bad(pb, encoded, j, why)
                 replaced += 1
+        return _InFlight(pb, encoded, read_s, replaced)
+
+    def _submit(self, window: deque[_InFlight]) -> None:
+        w = window[-1]
+        t0 = time.perf_counter()
+        try:
+            self.decoder.submit(w.encoded, w.pb.views)
+        except DecodeError as e:
+            self._recover(window, e)
+        w.decode_s += time.perf_counter() - t0
+
+    def _collect(self, window: deque[_InFlight]) -> Batch:
+        t0 = time.perf_counter()
         while True:
             try:
-                views = self.decoder.decode(encoded, pb.views)
+                out = self.decoder.collect()
                 break
-            except DecodeError as e:   # find the culprit(s): the decoder may not say which
-                bad = [(j, cause) for j, data in enumerate(encoded) if (cause := check_decodable(data))]
-                if not bad:
-                    raise DecodeError(f"rank {pb.rank}: epoch {pb.epoch} step {pb.step}: decoder "
-                                      f"failed, yet every sample decodes with PIL: {e}") from e
-                for j, cause in bad:
-                    pb = self._bad(pb, encoded, j,
-                                   f"{self.m.where(int(pb.sample_ids[j]))}: cannot decode: {cause}")
-                    replaced += 1
-        self.replaced += replaced
-        ids = torch.from_numpy(pb.sample_ids)
-        return Batch(views[0], ids, torch.from_numpy(self.m.table["label"][pb.sample_ids].astype(np.int64)),
+            except DecodeError as e:
+                self._recover(window, e)
+        w = window.popleft()
+        self.replaced += w.replaced
+        pb = w.pb
+        return Batch(out.views[0], torch.from_numpy(pb.sample_ids),
+                     torch.from_numpy(self.m.table["label"][pb.sample_ids].astype(np.int64)),
                      torch.from_numpy(pb.valid.copy()), pb.epoch, pb.step,
-                     views[1] if len(views) > 1 else None, replaced=replaced)
+                     out.views[1] if len(out.views) > 1 else None, read_s=w.read_s,
+                     decode_s=w.decode_s + time.perf_counter() - t0, replaced=w.replaced, _decoded=out)
+
+    def _recover(self, window: deque[_InFlight], err: DecodeError) -> None:
+        """The decoder failed on a batch of `window` and holds none of them any more (a
+        pipelined decoder may report a failure on another batch than the culprit's): find the
+        culprits with PIL, raise or put replacements in place, and submit the window again,
+        oldest first."""
+        while True:
+            bad = [(w, j, cause) for w in window for j, data in enumerate(w.encoded)
+                   if (cause := check_decodable(data))]
+            if not bad:
+                first, last = window[0].pb, window[-1].pb
+                raise DecodeError(f"rank {first.rank}: epoch {first.epoch} steps {first.step}-{last.step}: "
+                                  f"decoder failed, yet every sample decodes with PIL: {err}") from err
+            for w, j, cause in bad:
+                where = self.m.where(int(w.pb.sample_ids[j]))
+                w.pb = self._bad(w.pb, w.encoded, j, f"{where}: cannot decode: {cause}")
+                w.replaced += 1
+            try:
+                for w in window:
+                    self.decoder.submit(w.encoded, w.pb.views)
+                return
+            except DecodeError as e:
+                err = e
 
     def _screen(self, sample_id: int, data) -> str | None:
         """Why this sample must not be decoded (a message naming shard and key), or None."""

@@ -3,6 +3,7 @@ resume, corrupt and truncated data."""
 from __future__ import annotations
 
 import shutil
+import struct
 from dataclasses import replace
 import subprocess
 import sys
@@ -13,8 +14,8 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from mimpipe.pipeline.color import color_augment, gaussian_blur
-from mimpipe.pipeline.decode import DecodeError
+from mimpipe.pipeline.color import blur_radius, color_augment, gaussian_blur
+from mimpipe.pipeline.decode import DecodeError, finish
 from mimpipe.pipeline.loader import Loader
 from mimpipe.pipeline.manifest import load_manifest
 from mimpipe.pipeline.plan import PlanConfig, ViewConfig
@@ -76,6 +77,69 @@ def test_a_batch_stays_valid_while_the_next_is_used(m):
     loader.close()
 
 
+def test_a_held_batch_survives_an_abandoned_epoch_and_no_stale_batch_leaks(m):
+    """An epoch left early (break, close) has batches decoded and in flight: the batch the
+    consumer holds must stay valid while the next epoch's first batch is taken and used, and that
+    batch must be the new epoch's, not a leftover of the old one (real DALI, pipelined)."""
+    loader = Loader(m, CFG, prefetch=2)
+    it = loader.epoch(0)
+    held = next(it)
+    held_copy = held.images.clone()
+    time.sleep(0.3)   # the producer fills its queue and DALI's
+    it.close()
+    it = loader.epoch(1)
+    first = next(it)
+    first_copy = first.images.clone()
+    time.sleep(0.3)
+    assert torch.equal(held.images, held_copy), "the held batch was overwritten by the next epoch"
+    nxt = next(it)
+    assert torch.equal(first.images, first_copy)
+    want = batches(m, epoch=1)
+    assert (first.epoch, first.step, nxt.step) == (1, 0, 1)
+    assert torch.equal(first.images, want[0].images) and torch.equal(nxt.images, want[1].images)
+    it.close()
+    loader.close()
+
+
+def test_dali_executor_config_reaches_the_pipeline(m):
+    loader = Loader(m, CFG, threads=1, dali_prefetch=3, hw_decoder_load=0.4)
+    pipe = loader.decoder.pipe
+    assert (pipe.exec_pipelined, pipe.exec_async, pipe.exec_dynamic) == (True, True, True)
+    assert (pipe.prefetch_queue_depth, pipe.num_threads, pipe.device_id) == (3, 1, None)
+    graph = pipe.serialize()
+    assert b"hw_decoder_load" in graph and struct.pack("<f", 0.4) in graph
+    loader.close()
+    with pytest.raises(ValueError, match="dali_prefetch 0: must be at least 1"):
+        Loader(m, CFG, dali_prefetch=0)
+    with pytest.raises(ValueError, match=r"hw_decoder_load 1.5: must be in \[0, 1\]"):
+        Loader(m, CFG, hw_decoder_load=1.5)
+
+
+def test_dali_prefetch_depth_does_not_change_pixels(m):
+    """Inputs fed ahead to DALI's pipelined executor: each output still belongs to its batch."""
+    ref = batches(m, epoch=1, dali_prefetch=1)
+    for depth in (2, 3):
+        for a, b in zip(ref, batches(m, epoch=1, dali_prefetch=depth), strict=True):
+            assert a.step == b.step and torch.equal(a.sample_ids, b.sample_ids)
+            assert torch.equal(a.images, b.images) and torch.equal(a.view2, b.view2), \
+                f"depth {depth} step {a.step}"
+
+
+def test_an_epoch_shorter_than_the_dali_prefetch(m):
+    """A resume at the last step leaves one batch, fewer than DALI's first run needs (it starts
+    `depth` runs at once): padding starts it, and nothing of the padding reaches a later epoch."""
+    full = batches(m, epoch=3)
+    loader = Loader(m, CFG, dali_prefetch=3)
+    try:
+        last = [b.images.clone() for b in loader.epoch(3, 7)]
+        again = [(b.step, b.images.clone()) for b in loader.epoch(3, 6)]
+    finally:
+        loader.close()
+    assert len(last) == 1 and torch.equal(last[0], full[7].images)
+    assert [s for s, _ in again] == [6, 7]
+    assert all(torch.equal(x, full[s].images) for s, x in again)
+
+
 def test_thread_count_does_not_change_pixels(m):
     for a, b in zip(batches(m, threads=1), batches(m, threads=2)):
         assert torch.equal(a.images, b.images) and torch.equal(a.view2, b.view2)
@@ -134,12 +198,12 @@ def garbage(sample_ds, tmp_path):
 def spied_batches(m, never: bytes, **kw):
     """batches(), with a decoder that fails the test if it is ever handed `never`."""
     loader = Loader(m, CFG, **kw)
-    real = loader.decoder.decode
+    real = loader.decoder.submit
 
-    def decode(encoded, views):
+    def submit(encoded, views):
         assert all(e.tobytes() != never for e in encoded), "bytes that fail their checksum reached the decoder"
         return real(encoded, views)
-    loader.decoder.decode = decode
+    loader.decoder.submit = submit
     try:
         return [replace(b, images=b.images.clone(), view2=b.view2.clone()) for b in loader.epoch(0)]
     finally:
@@ -150,6 +214,27 @@ def test_corrupt_sample_raises_naming_shard_and_key(damaged):
     with pytest.raises(DecodeError, match=rf"sample-00000\d\.tar: sample '{damaged.key(7)}': jpg bytes "
                                           r"fail their checksum"):
         batches(damaged, epoch=0)
+
+
+def steps_before_error(m, match, **kw):
+    """The steps of epoch 0 delivered before the loader raises, and the step of sample 7."""
+    loader = Loader(m, CFG, **kw)
+    bad_step = next(pb.step for pb in loader.plan.batches(0) if 7 in pb.sample_ids)
+    got = []
+    try:
+        with pytest.raises(DecodeError, match=match):
+            for b in loader.epoch(0):
+                got.append(b.step)
+    finally:
+        loader.close()
+    return got, bad_step
+
+
+@pytest.mark.parametrize("decoder", ["dali", "pil"])
+def test_a_bad_sample_raises_after_every_batch_before_it(damaged, decoder):
+    """With batches in flight in the decoder, the error still comes where the bad batch would."""
+    got, bad_step = steps_before_error(damaged, "fail their checksum", decoder=decoder)
+    assert bad_step > 0 and got == list(range(bad_step))
 
 
 def test_corrupt_sample_skipped_is_replaced_the_same_way_everywhere(damaged):
@@ -181,10 +266,16 @@ def test_damage_that_passes_the_checksum_still_takes_the_decode_error_path(damag
         t["crc"][7] = zlib.crc32(f.read(int(t["size"][7])))
     np.save(damaged.root / "samples.npy", t, allow_pickle=False)
     m = load_manifest(damaged.root)
-    with pytest.raises(DecodeError, match=rf"sample '{m.key(7)}': cannot decode"):
-        batches(m, epoch=0)
-    run = batches(m, epoch=0, on_error="skip", decoder="pil")
-    assert 7 not in torch.cat([b.sample_ids for b in run]).tolist() and sum(b.replaced for b in run) == 1
+    got, bad_step = steps_before_error(m, rf"sample '{m.key(7)}': cannot decode")
+    assert bad_step > 0 and got == list(range(bad_step))
+    # DALI fails with batches in flight in its pipeline: after the replacement every batch is
+    # still the one of its step (the PIL run is the reference)
+    runs = {d: batches(m, epoch=0, on_error="skip", decoder=d) for d in ("dali", "pil")}
+    for run in runs.values():
+        assert 7 not in torch.cat([b.sample_ids for b in run]).tolist() and sum(b.replaced for b in run) == 1
+    for a, b in zip(runs["dali"], runs["pil"], strict=True):
+        assert torch.equal(a.sample_ids, b.sample_ids)
+        assert (a.images - b.images).abs().mean() < 0.02 and (a.view2 - b.view2).abs().mean() < 0.02
 
 
 def test_a_damaged_json_fails_its_checksum_on_read(sample_ds, tmp_path):
@@ -225,12 +316,12 @@ def test_an_image_over_the_pixel_cap_is_refused_before_decoding(one_big):
 
     def run(**kw):
         loader = Loader(m, cfg, decoder="pil", max_pixels=64 * 48, **kw)
-        real = loader.decoder.decode
+        real = loader.decoder.submit
 
-        def decode(encoded, views):
+        def submit(encoded, views):
             assert all(e.tobytes() != big for e in encoded), "an image over the cap reached the decoder"
             return real(encoded, views)
-        loader.decoder.decode = decode
+        loader.decoder.submit = submit
         try:
             return list(loader.epoch(0))
         finally:
@@ -267,13 +358,36 @@ def test_truncated_shard_read_names_shard_and_key(sample_ds, tmp_path):
             r.read(np.flatnonzero(m.table["shard"] == 1)[:1])
 
 
+def test_a_truncated_shard_raises_after_every_batch_before_it(sample_ds, tmp_path):
+    """The last sample of a shard cut off: reading its batch fails, the batches in flight before
+    it still reach the consumer first."""
+    shutil.copytree(sample_ds, tmp_path / "ds")
+    m = load_manifest(tmp_path / "ds")
+    loader = Loader(load_manifest(tmp_path / "ds", verify=False), CFG)
+    step_of = {int(i): pb.step for pb in loader.plan.batches(0) for i in pb.sample_ids[pb.valid]}
+    t = m.table
+    lasts = [int(np.flatnonzero(t["shard"] == s)[np.argmax(t["offset"][t["shard"] == s])])
+             for s in range(len(m.shards))]
+    victim = max(lasts, key=step_of.get)
+    with open(m.shard_path(t["shard"][victim]), "r+b") as f:
+        f.truncate(int(t["offset"][victim]) + 10)
+    got = []
+    try:
+        with pytest.raises(ReadError, match=rf"sample '{m.key(victim)}': truncated shard"):
+            for b in loader.epoch(0):
+                got.append(b.step)
+    finally:
+        loader.close()
+    assert step_of[victim] > 0 and got == list(range(step_of[victim]))
+
+
 def test_color_augment_matches_torchvision_per_image():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 20, 24, generator=g)
     p = torch.tensor([[1, 1.3, 0.7, 1.1, 0.05, 0, 0.5], [1, 0.8, 1.2, 0.9, -0.08, 1, 0.5],
                       [1, 1.0, 1.0, 1.0, 0.0, 2, 1.5], [0, 1, 1, 1, 0, 2, 0.3],
                       [1, 1.1, 0.9, 0.0, 0.1, 1, 1.0], [1, 0.6, 1.4, 1.2, -0.1, 2, 2.0]])
-    got = color_augment(x, p)
+    got = color_augment(x, p.numpy())
     for i in range(6):
         b, c, s, h, op, sigma = p[i, 1:].tolist()
         y = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(x[i], b), c), s), h)
@@ -289,6 +403,15 @@ def test_color_augment_matches_torchvision_per_image():
 
 def test_gaussian_blur_per_image_sigma():
     x = torch.rand(2, 3, 16, 16)
-    y = gaussian_blur(x, torch.tensor([0.5, 2.0]))
+    y = gaussian_blur(x, torch.tensor([0.5, 2.0]), blur_radius(np.array([[1, 1, 1, 1, 0, 2, 0.5], [1, 1, 1, 1, 0, 2, 2.0]])))
     for i, s in enumerate((0.5, 2.0)):
         assert torch.allclose(y[i], TF.gaussian_blur(x[i], [13, 13], [s, s]), atol=1e-5)
+
+
+def test_color_views_read_nothing_from_the_device():
+    """On a GPU a host read of a device value (bool(), float(), .item()) stalls the producer
+    until the GPU has caught up; on the meta device every such read raises, so this run shows
+    there is none (the blur's kernel size comes from the plan's numbers on the CPU)."""
+    p = np.array([[1, 1.3, 0.7, 1.1, 0.05, 2, 1.5], [1, 0.8, 1.2, 0.9, -0.08, 1, 0.5]], np.float32)
+    y = finish(torch.empty(2, 3, 16, 16, device="meta"), p)
+    assert y.device.type == "meta" and y.shape == (2, 3, 16, 16)

@@ -2,7 +2,8 @@
 
 On ImageNet-sized JPEGs (generated ~512x384 when no SHARDS are given), 224 px output, MAE's
 RandomResizedCrop + flip + normalize, the same number of cores on both sides: DALI with N
-threads vs a DataLoader with N worker processes."""
+threads vs a DataLoader with N worker processes. DALI runs as the trainer runs it: its pipelined
+executor with --dali-prefetch batches in flight."""
 from __future__ import annotations
 
 import io
@@ -16,12 +17,19 @@ from PIL import Image
 
 
 def add_arguments(p) -> None:
+    from mimpipe.pipeline.decode import HW_DECODER_LOAD
+    from mimpipe.tools.argtypes import positive_int, unit_float
     p.add_argument("shards", nargs="?", type=Path, help="dataset folder (default: generate one)")
     p.add_argument("--n", type=int, default=640, help="images to generate (default 640)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     p.add_argument("--batches", type=int, default=24, help="timed batches per contender")
+    p.add_argument("--dali-prefetch", type=positive_int, default=2,
+                   help="batches in flight in DALI's pipelined executor (default 2)")
+    p.add_argument("--hw-decoder-load", type=unit_float, default=HW_DECODER_LOAD,
+                   help=f"share of JPEGs for the A100/H100 hardware decoder (GPU only; "
+                        f"default {HW_DECODER_LOAD})")
 
 
 class PhotoItem:
@@ -61,10 +69,10 @@ def _timed(batches, n_batches: int, batch_size: int) -> float:
     return n_batches * batch_size / (time.perf_counter() - t0)
 
 
-def loader_img_s(m, cfg, decoder: str, *, threads: int, batches: int) -> float:
+def loader_img_s(m, cfg, decoder: str, *, threads: int, batches: int, **loader_kw) -> float:
     """Images/s of our Loader over `batches` batches after the first (epochs chained)."""
     from mimpipe.pipeline.loader import Loader
-    loader = Loader(m, cfg, decoder=decoder, threads=threads)
+    loader = Loader(m, cfg, decoder=decoder, threads=threads, **loader_kw)
     try:
         return _timed((b for e in range(10**6) for b in loader.epoch(e)), batches, cfg.batch_size)
     finally:
@@ -75,7 +83,8 @@ def ours(m, args, decoder: str, interpolation: str) -> float:
     from mimpipe.pipeline.plan import PlanConfig
     cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=args.img_size,
                      interpolation=interpolation)
-    return loader_img_s(m, cfg, decoder, threads=args.threads, batches=args.batches)
+    return loader_img_s(m, cfg, decoder, threads=args.threads, batches=args.batches,
+                        dali_prefetch=args.dali_prefetch, hw_decoder_load=args.hw_decoder_load)
 
 
 def baseline(m, args, interpolation: str) -> float:
@@ -99,7 +108,7 @@ def run(args) -> dict:
         m = load_manifest(args.shards or make_photos(Path(tmp) / "photos", args.n))
         size = float(np.mean(m.table["size"])) / 1e3
         res = {"images": len(m), "mean_kb": round(size, 1), "threads": args.threads,
-               "img_size": args.img_size, "batch_size": args.batch_size}
+               "img_size": args.img_size, "batch_size": args.batch_size, "dali_prefetch": args.dali_prefetch}
         # bicubic is MAE's recipe (the headline numbers); bilinear is torchvision's default
         for interp in ("bicubic", "bilinear"):
             r = {"ours_img_s": round(ours(m, args, "dali", interp), 1),
@@ -112,7 +121,7 @@ def run(args) -> dict:
 
 def table(r: dict) -> str:
     rows = [f"loader bench: {r['images']} JPEGs (mean {r['mean_kb']} KB), {r['img_size']} px output, "
-            f"batch {r['batch_size']}, {r['threads']} threads / workers",
+            f"batch {r['batch_size']}, {r['threads']} threads / workers, DALI prefetch {r['dali_prefetch']}",
             f"{'path':<56}{'images/s':>10}{'vs baseline':>13}"]
     for interp, x in (("bicubic", r), ("bilinear", r["bilinear"])):
         base = x["baseline_img_s"]
