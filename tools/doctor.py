@@ -94,6 +94,7 @@ def cuda_facts() -> dict:
             "cudnn": torch.backends.cudnn.version(), "cuda_available": why is None,
             "cuda_unavailable_because": why, "driver": driver() if why is None else None, "gpus": gpus,
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "nccl": nccl, "gloo": torch.distributed.is_gloo_available()}
 
 
@@ -200,7 +201,7 @@ def placement(args: argparse.Namespace, f: dict) -> dict:
     if args.command == "eval":
         return {"encoder_device": "cuda" if cuda else "cpu",
                 "decode": decode_device("dali", "cuda" if cuda else None, f)}
-    return {"device": f"mimpipe {args.command} places nothing on a GPU"}
+    return {"device": f"doctor has no placement rules for mimpipe {args.command} (it knows train, maskserver, eval)"}
 
 
 def command_placement(argv: list[str], f: dict) -> dict:
@@ -225,7 +226,8 @@ def table(f: dict) -> str:
             ("torch", f"{f['torch']}, CUDA build {f['torch_cuda_build']}, cuDNN {f['cudnn']}"),
             ("CUDA available", cuda + (f", driver {f['driver']}" if f["driver"] else "")),
             ("GPUs", gpus),
-            ("TF32", f"matmul {f['tf32_matmul']}, cudnn {f['tf32_cudnn']}"),
+            ("TF32", f"matmul {f['tf32_matmul']}, cudnn {f['tf32_cudnn']} (float32 matmul precision "
+                     f"{f['float32_matmul_precision']})"),
             ("NCCL / gloo", f"{f['nccl']} / {'yes' if f['gloo'] else 'no'}"),
             ("DALI", f["dali"] + (f", nvImageCodec {f['nvimgcodec']}" if "nvimgcodec" in f else "")),
             ("nvJPEG HW decoder", f["nvjpeg_hw_decoder"]),
