@@ -37,7 +37,7 @@ def test_every_row_runs_or_says_why_not(report):
     rows = {row["row"]: row for row in r["rows"]}
     assert list(rows) == list(ROWS)
     assert {row["status"] for row in rows.values()} <= {"ok", "skipped"}, \
-        {n: row.get("reason") for n, row in rows.items() if row["status"] != "ok"}
+        {n: row.get("reason") or row.get("failed") for n, row in rows.items() if row["status"] != "ok"}
     assert all(row["reason"] for row in rows.values() if row["status"] == "skipped")
     # on a CPU machine only the GPU comparisons skip; everything else must have run
     assert rows["teacher_parity"] == {**rows["teacher_parity"], "status": "skipped", "reason": "no CUDA"}
@@ -78,9 +78,13 @@ def test_a_failing_or_late_row_is_reported_never_raised(tmp_path):
 
     def missing(cfg, data):
         raise Skip("zmq not installed")
+
+    def wrong(cfg, data):
+        return {"summary": "loss 1 vs 2", "failed": "the resumed run's loss differs"}
     assert run_row("r", broken, cfg, None) | {"seconds": 0, "traceback": ""} == {
         "row": "r", "status": "error", "reason": "ValueError: shard x: bad", "summary": "", "seconds": 0,
         "traceback": ""}
     assert run_row("r", missing, cfg, None)["reason"] == "zmq not installed"
+    assert run_row("r", wrong, cfg, None)["status"] == "fail"
     late = replace(cfg, deadline=time.monotonic() - 1)
     assert run_row("r", broken, late, None)["reason"] == "time budget spent"
