@@ -197,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     # LUT's projector travels only when LUT targets are served; otherwise the EMA encoder is all
     args.source = args.source or default_source(args.strategy)
     teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device,
-                      projector_hidden=4096 if args.lut else None)
+                      projector_hidden=4096 if args.lut else None, img_size=plan_cfg.img_size)
     plan = Plan(manifest, plan_cfg, ranks[0] if ranks else 0)
     # decode where the teacher runs (make_loader runs in a rank's worker thread, whose current
     # CUDA device is 0 whatever the main thread set: name the GPU)

@@ -54,11 +54,12 @@ class InloopMasks:
 
     def __init__(self, strategy: str, model: str, *, ratio: float, seed: int, rank: int,
                  source: str | None = None, block: int | None = None, options: dict | None = None,
-                 device="cpu", epochs: int = 1):
+                 device="cpu", epochs: int = 1, img_size: int | None = None):
         self.strategy, self.ratio, self.seed, self.rank = strategy, ratio, seed, rank
         self.block, self.options, self.epochs = block, options or {}, epochs
         self.teacher = Teacher(model, source or default_source(strategy),
-                               strategy=strategy, block=block, projector_hidden=None, device=device)
+                               strategy=strategy, block=block, projector_hidden=None, device=device,
+                               img_size=img_size)
         self.head_probs = None   # PLB's p for idm; None = uniform
 
     def get(self, batch) -> Masks:
