@@ -140,7 +140,8 @@ def server(cfg: CheckConfig, data: Path) -> dict:
     need("zmq")
     from mimpipe.tools.procs import start_server, stop
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    tc = train_config(cfg, data, "served", masks=endpoint, strategy="sbam")
+    # a server that stops answering fails the row within a minute instead of hanging the lease
+    tc = train_config(cfg, data, "served", masks=endpoint, strategy="sbam", mask_policy="fail", mask_timeout=60.0)
     (cfg.work / "served").mkdir(parents=True, exist_ok=True)
     proc = start_server(["--shards", data, "--strategy", "sbam", "--model", cfg.model, "--bind", endpoint,
                          "--device", "cuda:0" if cfg.cuda else "cpu", "--decoder", tc.decoder,
@@ -150,9 +151,9 @@ def server(cfg: CheckConfig, data: Path) -> dict:
         r = timed_train(cfg, tc)
     finally:
         code = stop(proc)
-    return {"failed": None if r["finite"] else "non-finite losses", "summary": f"rank 0 {r['step_s'] * 1e3:.0f} ms/step, mask wait {r['mask_wait_s'] * 1e3:.1f} ms, "
+    return {"summary": f"rank 0 {r['step_s'] * 1e3:.0f} ms/step, mask wait {r['mask_wait_s'] * 1e3:.1f} ms, "
                        f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, server exit {code}",
-            **r, "server_exit": code}
+            **r, "server_exit": code, "failed": None if r["finite"] else "non-finite losses"}
 
 
 def resume(cfg: CheckConfig, data: Path) -> dict:

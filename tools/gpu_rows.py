@@ -299,6 +299,7 @@ def throughput(cfg: CheckConfig, data) -> dict:
                   "feeds_model": round(student_macs(mc) / macs, 1),
                   "feeds_measured": round(img_s / res["student"]["img_s"], 1)}
     res["summary"] = (f"batch {B}: student ({res['dtype']}) {res['student']['img_s']:.0f} img/s; teacher " +
-                      ", ".join(f"{s} ({res[s]['dtype']}) {res[s]['img_s']:.0f} img/s (feeds {res[s]['feeds_measured']} measured / "
-                                f"{res[s]['feeds_model']} MAC model)" for s in ("sbam", "gpa", "idm")))
+                      ", ".join(f"{s} ({res[s]['dtype']}) {res[s]['img_s']:.0f} img/s (feeds "
+                                f"{res[s]['feeds_measured']} measured / {res[s]['feeds_model']} MAC model)"
+                                for s in ("sbam", "gpa", "idm")))
     return res
