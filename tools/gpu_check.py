@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    # every gpa teacher here is momentum on purpose (no frozen checkpoint on a fresh machine): the
+    # teacher's per-instance deviation notice would repeat a dozen times
+    logging.getLogger("mimpipe.maskserver.teacher").setLevel(logging.ERROR)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
