@@ -24,7 +24,10 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--batches", type=int, default=24, help="timed batches per contender")
+    p.add_argument("--batches", type=int, default=16, help="timed batches per contender and round")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="the contenders take turns this many times; figures are medians over the rounds "
+                        "and each ratio the median of the rounds' ratios (the shared machine drifts)")
     p.add_argument("--dali-prefetch", type=positive_int, default=2,
                    help="batches in flight in DALI's pipelined executor (default 2)")
     p.add_argument("--hw-decoder-load", type=unit_float, default=HW_DECODER_LOAD,
@@ -108,25 +111,29 @@ def run(args) -> dict:
         m = load_manifest(args.shards or make_photos(Path(tmp) / "photos", args.n))
         size = float(np.mean(m.table["size"])) / 1e3
         res = {"images": len(m), "mean_kb": round(size, 1), "threads": args.threads,
-               "img_size": args.img_size, "batch_size": args.batch_size, "dali_prefetch": args.dali_prefetch}
+               "img_size": args.img_size, "batch_size": args.batch_size, "dali_prefetch": args.dali_prefetch,
+               "rounds": args.rounds}
         # bicubic is MAE's recipe (the headline numbers); bilinear is torchvision's default
         for interp in ("bicubic", "bilinear"):
-            r = {"ours_img_s": round(ours(m, args, "dali", interp), 1),
-                 "pil_fallback_img_s": round(ours(m, args, "pil", interp), 1),
-                 "baseline_img_s": round(baseline(m, args, interp), 1)}
-            r["ratio"] = round(r["ours_img_s"] / r["baseline_img_s"], 3)
+            rounds = [{"ours_img_s": ours(m, args, "dali", interp),
+                       "pil_fallback_img_s": ours(m, args, "pil", interp),
+                       "baseline_img_s": baseline(m, args, interp)} for _ in range(args.rounds)]
+            r = {k: round(float(np.median([x[k] for x in rounds])), 1) for k in rounds[0]}
+            for key, of in (("ratio", "ours_img_s"), ("pil_ratio", "pil_fallback_img_s")):
+                r[key] = round(float(np.median([x[of] / x["baseline_img_s"] for x in rounds])), 3)
             res.update(r) if interp == "bicubic" else res.update(bilinear=r)
     return res
 
 
 def table(r: dict) -> str:
     rows = [f"loader bench: {r['images']} JPEGs (mean {r['mean_kb']} KB), {r['img_size']} px output, "
-            f"batch {r['batch_size']}, {r['threads']} threads / workers, DALI prefetch {r['dali_prefetch']}",
+            f"batch {r['batch_size']}, {r['threads']} threads / workers, DALI prefetch {r['dali_prefetch']}; "
+            f"medians of {r['rounds']} rounds",
             f"{'path':<56}{'images/s':>10}{'vs baseline':>13}"]
     for interp, x in (("bicubic", r), ("bilinear", r["bilinear"])):
         base = x["baseline_img_s"]
         rows += [f"{'webdataset + DataLoader + PIL/torchvision, ' + interp:<56}{base:>10.0f}{1:>12.2f}x",
                  f"{'mimpipe Loader, PIL fallback, ' + interp:<56}{x['pil_fallback_img_s']:>10.0f}"
-                 f"{x['pil_fallback_img_s'] / base:>12.2f}x",
+                 f"{x['pil_ratio']:>12.2f}x",
                  f"{'mimpipe Loader, DALI (CPU here), ' + interp:<56}{x['ours_img_s']:>10.0f}{x['ratio']:>12.2f}x"]
     return "\n".join(rows)
