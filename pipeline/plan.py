@@ -197,18 +197,21 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.argsort(hash_u64(seed, epoch, STREAM_ORDER, np.arange(n), 1)[:, 0], kind="stable")
 
 
-def steps_per_epoch(n: int, cfg: PlanConfig) -> int:
-    g = cfg.batch_size * cfg.world_size
-    return -(-n // g) if cfg.remainder == "pad" else n // g
+def steps_per_epoch(n: int, cfg: PlanConfig, offset: int = 0) -> int:
+    """Global batches in an epoch of n samples whose first `offset` positions are done already."""
+    g, rest = cfg.batch_size * cfg.world_size, n - offset
+    return -(-rest // g) if cfg.remainder == "pad" else rest // g
 
 
-def rank_slots(order: np.ndarray, cfg: PlanConfig, rank: int) -> tuple[np.ndarray, np.ndarray]:
+def rank_slots(order: np.ndarray, cfg: PlanConfig, rank: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """-> (ids [steps, B], valid [steps, B]) for one rank: global batch s holds positions
-    [s*W*B, (s+1)*W*B) of the epoch order, rank r the r-th block of B."""
+    [offset + s*W*B, offset + (s+1)*W*B) of the epoch order, rank r the r-th block of B. offset: the
+    positions an earlier launch consumed (elastic resume); padding past the end repeats the order's
+    start, valid=False."""
     if not 0 <= rank < cfg.world_size:
         raise ValueError(f"rank {rank} outside world size {cfg.world_size}")
-    steps, g = steps_per_epoch(len(order), cfg), cfg.batch_size * cfg.world_size
-    pos = np.arange(steps * g).reshape(steps, cfg.world_size, cfg.batch_size)[:, rank]
+    steps, g = steps_per_epoch(len(order), cfg, offset), cfg.batch_size * cfg.world_size
+    pos = offset + np.arange(steps * g).reshape(steps, cfg.world_size, cfg.batch_size)[:, rank]
     return order[pos % len(order)], pos < len(order)
 
 
@@ -226,13 +229,41 @@ class Plan:
             raise ValueError(f"{self.n} samples < one global batch of {cfg.batch_size}x"
                              f"{cfg.world_size} with remainder=drop")
         self.hash = plan_hash(manifest, cfg)
+        self.data_hash = plan_hash(manifest, cfg, layout=False)
         self._epoch, self._slots = None, None
+        self.resumed: tuple[int, int] | None = None   # (epoch, positions done) of an elastic resume
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        """Elastic resume: `epoch` continues after the first `consumed` positions of its order,
+        whatever world size and batch consumed them, in this plan's global batches; the next
+        epochs are whole. The order and every crop depend on neither, so no sample of the epoch
+        is lost or repeated."""
+        if not 0 <= consumed <= self.n:
+            raise ValueError(f"rank {self.rank}: resume cursor {consumed} outside epoch of {self.n} samples")
+        self.resumed, self._epoch = (epoch, consumed), None
+
+    def offset(self, epoch: int) -> int:
+        return self.resumed[1] if self.resumed and self.resumed[0] == epoch else 0
+
+    def steps_in(self, epoch: int) -> int:
+        return steps_per_epoch(self.n, self.cfg, self.offset(epoch))
+
+    def progress(self, epoch: int, step: int) -> float:
+        """Fractional epoch at global batch `step` (MAE sets the lr from it every iteration):
+        epoch + step / steps, measured in positions where an elastic resume changed the layout."""
+        off, g = self.offset(epoch), self.cfg.batch_size * self.cfg.world_size
+        return epoch + (off + step * g) / (off + self.steps_in(epoch) * g)
+
+    def consumed(self, epoch: int, steps_done: int) -> int:
+        """Positions of `epoch`'s order consumed after `steps_done` of its global batches."""
+        return min(self.n, self.offset(epoch) + steps_done * self.cfg.batch_size * self.cfg.world_size)
 
     def batch(self, epoch: int, step: int) -> PlannedBatch:
-        if not 0 <= step < self.steps:
-            raise IndexError(f"rank {self.rank}: step {step} outside epoch of {self.steps} steps")
+        if not 0 <= step < self.steps_in(epoch):
+            raise IndexError(f"rank {self.rank}: step {step} outside epoch of {self.steps_in(epoch)} steps")
         if epoch != self._epoch:
-            self._slots = rank_slots(epoch_order(self.cfg.seed, epoch, self.n), self.cfg, self.rank)
+            self._slots = rank_slots(epoch_order(self.cfg.seed, epoch, self.n), self.cfg, self.rank,
+                                     self.offset(epoch))
             self._epoch = epoch
         ids = self._slots[0][step].astype(np.int64)
         return PlannedBatch(epoch, step, self.rank, ids, self._slots[1][step], self.views(epoch, ids))
@@ -244,18 +275,23 @@ class Plan:
 
     def batches(self, epoch: int, start_step: int = 0):
         """The rest of `epoch` from the cursor (epoch, start_step)."""
-        for step in range(start_step, self.steps):
+        for step in range(start_step, self.steps_in(epoch)):
             yield self.batch(epoch, step)
 
 
-def plan_hash(manifest, cfg: PlanConfig) -> str:
+def plan_hash(manifest, cfg: PlanConfig, *, layout: bool = True) -> str:
     """What both ends compare at connect time: the dataset (keys, labels, stored sizes) and every
-    setting that changes a batch. Not the rank: each rank has its own slice of the same plan."""
+    setting that changes a batch. Not the rank: each rank has its own slice of the same plan.
+    layout=False leaves out world size and batch size: what an elastic resume must keep (the
+    order and the crops of every sample depend on neither)."""
     t = manifest.table
     h = hashlib.sha256()
     for col in ("key", "label", "width", "height"):
         h.update(np.ascontiguousarray(t[col]).tobytes())
-    h.update(json.dumps({"plan": PLAN_VERSION, **asdict(cfg)}, sort_keys=True).encode())
+    settings = asdict(cfg)
+    if not layout:
+        del settings["world_size"], settings["batch_size"]
+    h.update(json.dumps({"plan": PLAN_VERSION, **settings}, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 

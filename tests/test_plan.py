@@ -164,3 +164,31 @@ def test_rrc_boxes_equal_torchvision_get_params_for_the_same_draws():
         ours = rrc_boxes(u, W.astype(float), H.astype(float), scale, (3 / 4, 4 / 3))
         ref = np.array([tv_get_params(u[k], int(W[k]), int(H[k]), scale, (3 / 4, 4 / 3)) for k in range(n)])
         assert np.array_equal(ours, ref), np.flatnonzero((ours != ref).any(1))[:5]
+
+
+@pytest.mark.parametrize("before, after", [((2, 8), (1, 16)), ((1, 16), (2, 8)), ((2, 8), (3, 5)), ((1, 7), (4, 3))])
+def test_elastic_resume_sees_every_sample_of_the_epoch_once(m, before, after):
+    """A run interrupted mid-epoch on one layout continues on another (world size, per-rank batch)
+    from the samples the epoch consumed: none lost, none repeated; the next epoch is whole."""
+    (w0, b0), (w1, b1) = before, after
+    old = PlanConfig(seed=5, batch_size=b0, world_size=w0, img_size=64, views=TWO_VIEWS)
+    new = PlanConfig(seed=5, batch_size=b1, world_size=w1, img_size=64, views=TWO_VIEWS)
+    plans = [Plan(m, old, r) for r in range(w0)]
+    done = 3   # global batches of the old layout
+    seen = [i for p in plans for s in range(done) for i in p.batch(1, s).sample_ids[p.batch(1, s).valid].tolist()]
+    consumed = plans[0].consumed(1, done)
+    assert consumed == done * w0 * b0 == len(seen)
+    resumed = [Plan(m, new, r) for r in range(w1)]
+    assert resumed[0].data_hash == plans[0].data_hash and resumed[0].hash != plans[0].hash
+    for p in resumed:
+        p.resume_at(1, consumed)
+    rest = [i for p in resumed for b in p.batches(1) for i in b.sample_ids[b.valid].tolist()]
+    assert sorted(seen + rest) == list(range(len(m)))
+    assert per_sample(m, new, 2) == per_sample(m, old, 2)   # the next epoch: whole, the same crops
+    # the crops of the resumed samples are the ones the old layout would have given them
+    full = per_sample(m, old, 1)
+    for p in resumed:
+        for b in p.batches(1):
+            for j in np.flatnonzero(b.valid):
+                assert (tuple(b.views[0].crop[j]), bool(b.views[0].flip[j])) == full[int(b.sample_ids[j])][0][:2]
+    assert resumed[0].progress(1, 0) == pytest.approx(1 + consumed / (consumed + resumed[0].steps_in(1) * w1 * b1))

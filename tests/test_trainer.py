@@ -41,7 +41,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(sample_ds, tmp_path)
 
 def test_resume_refuses_another_plan(sample_ds, tmp_path):
     train(cfg(sample_ds, tmp_path / "r", max_steps=2))
-    with pytest.raises(ValueError, match="written for plan"):
+    with pytest.raises(ValueError, match="written for data plan"):
         train(cfg(sample_ds, tmp_path / "r", max_steps=4, seed=1), resume=True)
 
 

@@ -193,7 +193,8 @@ class Run:
         self.sched = Schedule(lr=cfg.lr if cfg.lr is not None else cfg.blr * eff / 256, epochs=cfg.epochs,
                               warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)
         self.mc, self.masks = mc, None   # the mask source starts at the cursor: see start_masks
-        self.it = 0   # iterations done = epoch * steps + step of the next batch
+        self.it = 0   # iterations done, over every launch of the run
+        self.epoch = self.step = 0   # the cursor: the next batch is (epoch, step) of the plan
         self.saved_it: int | None = None   # of this run's checkpoint.pt (keep_last's links name it)
         if rank == 0:
             log.info("effective batch %d, peak lr %.3g, %d steps/epoch, plan %s",
@@ -204,18 +205,26 @@ class Run:
         return Path(self.cfg.out) / "checkpoint.pt"
 
     def start_masks(self) -> None:
-        cursor = divmod(self.it, self.loader.steps)
+        if self.loader.plan.offset(self.epoch) and self.cfg.masks.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"{self.ckpt_path}: an elastic resume (another world size or batch size mid-epoch) "
+                             f"cannot use a mask server yet: its plan has no resume offset; finish the epoch "
+                             f"with the old layout, or resume at an epoch boundary")
         self.masks = make_masks(self.cfg, self.rank, self.world, self.mc.num_patches,
-                                self.loader.plan.hash, cursor, self.device)
+                                self.loader.plan.hash, (self.epoch, self.step), self.device)
         if isinstance(self.masks, InloopMasks) and self.plb["p"] is not None:
             self.masks.head_probs = self.plb["p"].float()   # as the server passes its float64 p
 
     def save(self) -> None:
         if self.rank != 0:
             return
-        state = {"version": CKPT_VERSION, "config": asdict(self.cfg), "it": self.it,
+        plan = self.loader.plan
+        # the cursor twice: (epoch, step) for an exact resume, and the samples the epoch consumed,
+        # which any other layout of the same data plan continues from (elastic resume)
+        state = {"version": CKPT_VERSION, "config": asdict(self.cfg), "world": self.world, "it": self.it,
+                 "epoch": self.epoch,
+                 "step": self.step, "consumed": plan.consumed(self.epoch, self.step),
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                 "optimizer": self.opt.state_dict(), "plan_hash": self.loader.plan.hash,
+                 "optimizer": self.opt.state_dict(), "plan_hash": plan.hash, "data_hash": plan.data_hash,
                  "plb": dict(self.plb)}
         out, steps = self.ckpt_path.parent, self.loader.steps
         prev = self.saved_it
@@ -243,14 +252,22 @@ class Run:
         if (was := state.get("config", {}).get("model")) != self.cfg.model:
             raise ValueError(f"{self.ckpt_path}: written by --model {was}, this run has --model "
                              f"{self.cfg.model}")
-        if state.get("plan_hash") != self.loader.plan.hash:
-            raise ValueError(f"{self.ckpt_path}: written for plan {state.get('plan_hash')}, this run's "
-                             f"plan is {self.loader.plan.hash} (other data, seed, batch or world size)")
+        plan = self.loader.plan
+        if state["data_hash"] != plan.data_hash:
+            raise ValueError(f"{self.ckpt_path}: written for data plan {state['data_hash']}, this run's is "
+                             f"{plan.data_hash} (other data, seed, image size, crops or views)")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["optimizer"])
         self.it = self.saved_it = int(state["it"])
         self.plb.update(state.get("plb") or {})
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        if state["plan_hash"] == plan.hash:
+            return "the same layout: exactly the batches an uninterrupted run sees"
+        plan.resume_at(self.epoch, int(state["consumed"]))
+        self.step = 0
+        return (f"elastic: world size {state['world']} x batch {state['config']['batch_size']} -> {self.world} x "
+                f"{self.cfg.batch_size}; the epoch goes on from its consumed samples")
 
 
 def warm_start(model: MaskedAutoencoderViT, path: str) -> None:
@@ -277,7 +294,9 @@ def warm_start(model: MaskedAutoencoderViT, path: str) -> None:
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """resume: continue from OUT/checkpoint.pt if there is one, else start fresh (a requeued job
-    passes it on every launch). overwrite: start fresh in an OUT that holds an earlier run."""
+    passes it on every launch); on another world size or per-rank batch the interrupted epoch goes
+    on from the samples it consumed (Run.load). overwrite: start fresh in an OUT that holds an
+    earlier run."""
     if cfg.ckpt_every % cfg.accum:
         raise ValueError(f"--ckpt-every {cfg.ckpt_every} must be a multiple of --accum {cfg.accum}: "
                          f"a checkpoint holds no half-accumulated gradients")
@@ -290,19 +309,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     rank, world = setup_distributed(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(cfg, rank, world)
-    steps = run.loader.steps
+    plan = run.loader.plan
     if resume and run.ckpt_path.is_file():
-        run.load()
+        how = run.load()
         if rank == 0:
-            log.info("resumed from %s at iteration %d (epoch %d, step %d of %d)", run.ckpt_path, run.it,
-                     *divmod(run.it, steps), steps)
+            log.info("resumed from %s at iteration %d: epoch %d, %d of %d samples done (%s)", run.ckpt_path,
+                     run.it, run.epoch, plan.consumed(run.epoch, run.step), plan.n, how)
     elif resume and rank == 0:
         log.info("--resume: no %s yet, starting fresh", run.ckpt_path)
     if rank == 0:
         write_config(out / RUN_CONFIG, asdict(cfg))
     run.start_masks()
-    planned = cfg.epochs * steps   # schedules follow the planned run, not where --max-steps stops it
-    total = planned if cfg.max_steps is None else min(planned, cfg.max_steps)
+    # iterations left to the planned end; --max-steps stops earlier, the schedules still follow --epochs
+    left = sum(plan.steps_in(e) for e in range(run.epoch, cfg.epochs)) - run.step
+    total = run.it + left if cfg.max_steps is None else min(run.it + left, cfg.max_steps)
     stop = StopSignal(world)
     stopped = False
     run.masks.sync(run.it, run.model, run.ema)
@@ -313,13 +333,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     progress = Progress(total, run.it, cfg.batch_size * world, enabled=rank == 0)
     acc = LossAccumulator()
     while run.it < total and not stopped:
-        epoch, start = divmod(run.it, steps)
-        batches = run.loader.epoch(epoch, start)
+        epoch, steps = run.epoch, plan.steps_in(run.epoch)
+        batches = run.loader.epoch(epoch, run.step)
         t_data = time.perf_counter()
         for batch in batches:
             data_wait = time.perf_counter() - t_data
+            progress_epochs = plan.progress(epoch, run.step)   # fractional epoch, as MAE sets the lr
             for g in run.opt.param_groups:
-                g["lr"] = lr_at(run.it / steps, run.sched)
+                g["lr"] = lr_at(progress_epochs, run.sched)
             masks = run.masks.get(batch)
             t0 = time.perf_counter()
             boundary = (run.it + 1) % cfg.accum == 0
@@ -332,16 +353,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             if boundary:
                 run.opt.step()
                 run.opt.zero_grad(set_to_none=True)
-                ema_update(run.ema, run.model, ema_momentum(run.it, planned, cfg.ema_m0))
+                ema_update(run.ema, run.model, ema_momentum(progress_epochs, cfg.epochs, cfg.ema_m0))
             run.it += 1
+            run.step += 1
             acc.add(loss, parts, data_wait=data_wait, mask_wait=masks.wait_s, compute=time.perf_counter() - t0,
                     images=len(batch.sample_ids), valid=int(batch.valid.sum()))
-            if run.it % steps == 0:
+            epoch_end = run.step == steps
+            if epoch_end:
                 plb_epoch_end(run)   # before any checkpoint at this iteration: it holds the new p
+                run.epoch, run.step = epoch + 1, 0
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
             save = boundary and ((cfg.ckpt_every and run.it % cfg.ckpt_every == 0) or (
-                cfg.save_every_epochs and run.it % (steps * cfg.save_every_epochs) == 0))
+                epoch_end and cfg.save_every_epochs and run.epoch % cfg.save_every_epochs == 0))
             stopped = boundary and stop.agreed()
             if run.it % cfg.log_every == 0 or run.it == total or save or stopped:
                 row = acc.pop(f"rank {rank}, epoch {epoch}, step {batch.step}")   # sync point: the losses
@@ -368,7 +392,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         plot_curves(out / "metrics.jsonl", out / "loss.png")
         if stopped:
             log.info("%s: stopped at iteration %d (epoch %d, step %d), checkpoint written", stop.signal or
-                     "a signal on another rank", run.it, *divmod(run.it, steps))
+                     "a signal on another rank", run.it, run.epoch, run.step)
     if world > 1:
         dist.barrier()   # rank 0's checkpoint is on disk before any rank reports and exits
         dist.destroy_process_group()
