@@ -11,6 +11,8 @@ STAGES = {
     "teacher": "mimpipe.tools.bench_teacher",
     "loader": "mimpipe.tools.bench_loader",
     "transport": "mimpipe.tools.bench_transport",
+    "knn": "mimpipe.tools.bench_knn",
+    "remote": "mimpipe.tools.bench_remote",
 }
 
 
