@@ -18,6 +18,8 @@ COMMANDS = {
     "sample": ("mimpipe.tools.sample", "generate the embedded sample dataset (shapes on clutter)"),
     "train": ("mimpipe.train.trainer", "MAE pre-training with random, in-loop or mask-server masks"),
     "eval": ("mimpipe.train.evaluate", "k-NN and linear-probe accuracy of an encoder on labeled shards"),
+    "finetune": ("mimpipe.train.finetune", "MAE's end-to-end fine-tuning recipe: top-1/top-5 of a pre-trained encoder"),
+    "export": ("mimpipe.tools.export", "a checkpoint's encoder as a timm ViT .safetensors file"),
     "viz": ("mimpipe.tools.viz", "mask pictures per strategy and object recall on the sample dataset"),
     "demo": ("mimpipe.tools.demo", "the whole system on the sample dataset (what `make demo` runs)"),
     "profile": ("mimpipe.tools.profile", "where throughput goes: every stage alone and the whole system"),
