@@ -81,6 +81,8 @@ class OutputRing:
 
     def take(self, stream: "torch.cuda.Stream | None") -> Slot:
         if not self._free:
+            # host sync: on a GPU, the cudaMalloc behind a new slot may synchronize the device;
+            # it happens for the first few batches only (and when the ring grows)
             return Slot([torch.empty(self.shape, device=self.device) for _ in range(self.n_views)])
         slot = self._free.popleft()
         if slot.released is not None:
