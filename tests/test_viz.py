@@ -33,4 +33,29 @@ def test_viz_draws_and_random_recall_is_the_ratio(sample_ds, tmp_path):
     assert abs(r["recall"]["random"] - 0.75) < 0.05, r["recall"]
     assert set(r["recall"]) == {"random", "sbam", "gpa", "idm"}
     f = r["gpa_few_shot"]
-    assert f["shots"] == 10 and 0 <= f["block"] < 2 and 0 <= f["head"] < 2 and 0 < f["recall"] <= 1
+    assert f["shots"] == 10 and 0 <= f["block"] < 2 and 0 <= f["head"] < 2 and 0 < f["shot_recall"] <= 1
+    # the pick is scored on the images that did not pick it, and printed as the flags that serve it
+    assert f["held_out_images"] == r["images"] and 0 < f["held_out_recall"] <= 1
+    assert f"--strategy gpa --block {f['block']} --option head={f['head']}" in viz.table(r)
+
+
+def test_viz_on_data_without_foreground_and_a_trained_checkpoint(image_folder, sample_ds, tmp_path):
+    """User data has no `fg`: pictures, no recall (was KeyError 'fg'); --weights takes a training
+    checkpoint and its model from the checkpoint's config (no --model); --attention on image files."""
+    from mimpipe.tools.shard import ShardConfig, scan_folder, shard_items
+    from mimpipe.train.trainer import TrainConfig, train
+    src, _ = image_folder
+    items, classes, _ = scan_folder(src)
+    shard_items(items, classes, tmp_path / "ds", ShardConfig(shard_bytes=None, samples_per_shard=50), progress=False)
+    train(TrainConfig(shards=str(sample_ds), out=str(tmp_path / "run"), model="mae_vit_micro_patch8_64",
+                      batch_size=8, max_steps=1, threads=1))
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    p = argparse.ArgumentParser()
+    viz.add_arguments(p)
+    r = viz.run(p.parse_args([str(tmp_path / "ds"), "--weights", ckpt, "--strategies", "random,sbam,idm", "--n", "2",
+                              "--gpa-shots", "10", "--out", str(tmp_path / "v.png")]))
+    assert r["recall"] is None and r["gpa_few_shot"] is None and (tmp_path / "v.png").stat().st_size > 10_000
+    assert "no object recall" in viz.table(r)
+    files = [str(src / "cat/img.v2.jpg"), str(src / "dog/rgb.png")]
+    a = viz.run(p.parse_args(["--weights", ckpt, "--attention", *files, "--out", str(tmp_path / "a.png")]))
+    assert a["heads"] == 2 and a["images"] == 2 and (tmp_path / "a.png").stat().st_size > 10_000
