@@ -91,3 +91,31 @@ def build_sample(out: Path, n: int = 120, size: int = 64, per_shard: int = 30, s
 def sample_ds(tmp_path_factory):
     """A small sample dataset (120 images, 64 px, 4 shards), shared read-only by tests."""
     return build_sample(tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(scope="session")
+def http_server(sample_ds):
+    """The sample dataset served over HTTP with Range support, on 127.0.0.1 (RangeServer)."""
+    from mimpipe.tools.bench_remote import RangeServer
+    server = RangeServer(sample_ds)
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3-compatible server (moto's, as s3fs's own tests use) on 127.0.0.1, with the
+    environment pointing boto at it: credentials come from the usual variables, as for users."""
+    from moto.server import ThreadedMotoServer
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                     "AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}.items():
+            mp.setenv(k, v)
+        import fsspec
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("mimpipe-test")
+        yield "s3://mimpipe-test"
+    server.stop()

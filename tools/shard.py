@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mimpipe.pipeline.manifest import MANIFEST, SAMPLE_DTYPE, TABLE, Shard, write_manifest
+from mimpipe.pipeline.remote import as_url
 from mimpipe.tools.argtypes import nonneg_int, positive_int
 from mimpipe.tools.imagecheck import BadImage, check_image
 from mimpipe.tools.tario import finished_size, index_text, member_sizes_bytes, write_shard
@@ -442,8 +444,9 @@ def shard_name(s: str) -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("src", type=Path, help="image folder: class sub-folders, flat + --labels, or any")
-    p.add_argument("out", type=Path, help="output folder for shards, indexes and manifest "
-                   "(inside SRC is fine: it is not scanned)")
+    p.add_argument("out", help="output folder for shards, indexes and manifest (inside SRC is fine: "
+                   "it is not scanned), or s3://bucket/prefix, gs://bucket/prefix: written to "
+                   "--staging, then uploaded, the manifest last")
     p.add_argument("--labels", type=Path, help="CSV/TXT of filename,label (ImageNet val style)")
     p.add_argument("--classes", type=Path, help="class names, one per line (fixes label indices)")
     p.add_argument("--name", type=shard_name, default="shard", help="shard file prefix (default: shard)")
@@ -458,20 +461,50 @@ def add_arguments(p) -> None:
                         f"4 MP; the loader refuses more than 16 MP)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the cross-shard shuffle")
     p.add_argument("--resume", action="store_true", help="complete an interrupted run in OUT")
+    p.add_argument("--staging", type=Path, help="local folder a remote OUT is written to before the "
+                   "upload (default: mimpipe-staging-HASH in the temp folder; keep it for --resume)")
 
 
 def main(args) -> int:
-    items, classes, layout = scan_folder(args.src, args.labels, args.classes, exclude=args.out)
+    url = as_url(args.out)
+    out = staging_folder(url, args.staging) if url else Path(args.out)
+    if url:
+        _check_upload_target(url, args.resume)
+    items, classes, layout = scan_folder(args.src, args.labels, args.classes, exclude=out)
     cfg = ShardConfig(name=args.name, shard_bytes=None if args.samples_per_shard else args.shard_size,
                       samples_per_shard=args.samples_per_shard, workers=args.workers,
                       max_side=args.max_side, max_pixels=args.max_pixels, seed=args.seed)
-    inside = args.out.resolve().is_relative_to(args.src.resolve())
+    inside = out.resolve().is_relative_to(args.src.resolve())
     print(f"{args.src}: {len(items)} files, layout '{layout}', {len(classes)} classes"
-          + (f" ({args.out} not scanned)" if inside else ""), file=sys.stderr)
+          + (f" ({out} not scanned)" if inside else ""), file=sys.stderr)
     if layout == "labels" and (missing := [i.relpath for i in items if i.label < 0 and not i.problem]):
         print(f"warning: {len(missing)} of {len(items)} files have no label in {args.labels} and get "
               f"label -1 (e.g. {missing[0]}); report.json lists them under 'unlabeled_paths'",
               file=sys.stderr)
-    report = shard_items(items, classes, args.out, cfg, resume=args.resume, source=str(args.src))
-    print(summary(report, args.out))
+    report = shard_items(items, classes, out, cfg, resume=args.resume, source=str(args.src))
+    if url:
+        upload_dataset(out, url)
+    print(summary(report, url or out))
     return 0
+
+
+def staging_folder(url: str, staging: Path | None) -> Path:
+    """Where a dataset bound for `url` is written first: named after the URL, so rerunning the
+    same command with --resume finds the interrupted run."""
+    return staging or Path(tempfile.gettempdir()) / f"mimpipe-staging-{hashlib.sha1(url.encode()).hexdigest()[:12]}"
+
+
+def _check_upload_target(url: str, resume: bool) -> None:
+    from mimpipe.pipeline.remote import RemoteStore
+    if not url.startswith(("s3://", "gs://", "gcs://")):
+        raise ShardError(f"{url}: shards are uploaded to s3:// or gs:// only (HTTP servers are read-only here)")
+    if RemoteStore(url).size(MANIFEST) is not None and not resume:
+        raise ShardError(f"{url}: already holds a complete dataset; choose another prefix (or delete it)")
+
+
+def upload_dataset(folder: Path, url: str) -> None:
+    """Upload a finished dataset folder: shards and indexes, then report, table and manifest last."""
+    from mimpipe.pipeline.remote import upload
+    doc = json.loads((folder / MANIFEST).read_text())
+    shards = [n for s in doc["shards"] for n in (s["file"], s["index"])]
+    upload(folder, url, shards, ["report.json", TABLE, MANIFEST])
