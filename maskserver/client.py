@@ -14,16 +14,25 @@ batches it already holds are kept and duplicates are dropped.
 What ends the stream reaches `get` as MaskServerError naming the cause: a refusal (PLAN, VERSION,
 REPLACED), an I/O thread that failed (a bad endpoint, an unreadable key), a rank worker of the
 server that failed twice with no batch handed out in between (the first failure is answered with
-a HELLO, which restarts it). BUSY (the rank is held by another run) is retried: `wait` waits for
+a HELLO, which restarts it), a server that refused a weight upload (WEIGHTS), a failed CURVE
+handshake (maskserver/link.py). BUSY (the rank is held by another run) is retried: `wait` waits for
 the rank, `fail` and `random` act after mask_timeout as for a silent server.
 
 run_id names the run (every rank, kept across --resume) and restart_id this launch of it (every
 rank, new at each start): the server hands a live rank over only within its run and masks a
 launch only with weights that launch sent (maskserver/server.py).
+
+Liveness: the server is "down" once 3 heartbeat intervals pass without a word from it (or before
+it ever answered). Then `random` falls back at once instead of waiting --mask-timeout per batch,
+and takes served masks again when a server welcomes it back (stats: fallback_down, recovered).
+With other servers listed (`others`), a rank whose server has been silent for half of
+mask_timeout moves to the next one that serves it, with the same cursor: the same plan batches,
+none lost or repeated; the wait for a batch restarts at the switch, so `fail` does not fire
+while another server can answer. HELLO carries the run's description (`run`: strategy, model,
+source, ratio, lut, targets, epochs), which the server compares with its own.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import queue
@@ -36,11 +45,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import zmq
-import zmq.auth  # load_certificate for CURVE
 
 from mimpipe.maskserver import protocol as P
-from mimpipe.maskserver.weights import weight_chunks
+from mimpipe.maskserver.link import Link, LinkError
+from mimpipe.maskserver.snapshot import Snapshot, take_snapshot
 from mimpipe.maskserver.strategies import random_mask, unpack_mask
+from mimpipe.pipeline.plan import batch_generator
 
 log = logging.getLogger("mimpipe.maskclient")
 POLICIES = ("wait", "random", "fail")
@@ -51,17 +61,8 @@ class MaskServerError(RuntimeError):
     """The server refused this rank (plan or protocol mismatch) or sent an inconsistent batch."""
 
 
-def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """The seed of batch (epoch, step, rank)'s mask noise: a pure function, so the server's masks
-    and the client's random fallback do not depend on timing, threads or process."""
-    key = np.array([seed, epoch, step, rank], dtype="<i8").tobytes()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
-
-
-def batch_generator(seed: int, epoch: int, step: int, rank: int, device: str | torch.device = "cpu"):
-    g = torch.Generator(device=device)
-    g.manual_seed(batch_seed(seed, epoch, step, rank))
-    return g
+class MaskWaitInterrupted(Exception):
+    """get's should_stop() turned true while it waited for masks (the trainer got SIGTERM/SIGINT)."""
 
 
 @dataclass
@@ -86,16 +87,24 @@ class MaskClient:
                  cursor: tuple[int, int] = (0, 0), credits: int = 4, mask_timeout: float = 30.0,
                  policy: str = "wait", heartbeat: float = 1.0, curve: tuple[str, str] | None = None,
                  num_patches: int, ratio: float = 0.75, seed: int = 0, run_id: str | None = None,
-                 restart_id: str | None = None):
+                 restart_id: str | None = None, others: tuple[str, ...] = (), run: dict | None = None):
         """run_id: the run's identity (default: a run of its own); restart_id: this launch's, the
-        same on every rank of it (default: a fresh one). Both [A-Za-z0-9_.:-]{1,64}."""
+        same on every rank of it (default: a fresh one). Both [A-Za-z0-9_.:-]{1,64}. others: servers
+        to fail over to. run: HELLO's run description (protocol.py), e.g. {"strategy": "sbam",
+        "epochs": 10}; "epochs" lets the server exit once every rank has finished."""
         if policy not in POLICIES:
             raise ValueError(f"unknown mask policy {policy!r}; choose from {', '.join(POLICIES)}")
         if not 1 <= credits <= P.MAX_CREDITS:
             raise ValueError(f"credits {credits} outside [1, {P.MAX_CREDITS}]")
-        self.endpoint, self.rank, self.world_size, self.plan_hash = endpoint, rank, world_size, plan_hash
+        self.rank, self.world_size, self.plan_hash = rank, world_size, plan_hash
         self.credits, self.mask_timeout, self.policy, self.heartbeat = credits, mask_timeout, policy, heartbeat
         self.curve, self.num_patches, self.ratio, self.seed = curve, num_patches, ratio, seed
+        self.run = dict(run or {})
+        self._link = Link([endpoint, *others], rank, curve)
+        self._welcomed = False  # by the current server, since the socket was last made
+        self._down = False  # the server missed 3 heartbeats, or never answered yet (see get)
+        self._heard = time.monotonic()  # the last message from a server (or the start)
+        self._switched_at = 0.0  # when the rank last moved to another listed server
         self.restart_id = restart_id or uuid.uuid4().hex[:16]
         self.run_id = run_id or self.restart_id
         for name, v in (("run_id", self.run_id), ("restart_id", self.restart_id)):
@@ -106,7 +115,10 @@ class MaskClient:
         self._last_busy_log = 0.0
         self.fallbacks: list[tuple[int, int]] = []
         self.stats = {"received": 0, "dropped": 0, "reconnects": 0, "seq_gaps": 0, "errors": 0,
-                      "send_dropped": 0}
+                      "send_dropped": 0, "fallback_down": 0, "recovered": 0, "failovers": 0}
+        self.stats.update(weights_sent=0, weights_superseded=0)
+        self._snapshot: Snapshot | None = None  # the newest snapshot not yet sent (I/O thread only)
+        self._inflight: list[tuple[Snapshot, list]] = []  # sent snapshots and their zmq trackers (I/O thread)
         self.server_id: str | None = None
         self._cursor = tuple(cursor)  # next batch to hand out; guarded by _cv
         self._ready: dict[tuple[int, int], P.Message] = {}
@@ -120,8 +132,14 @@ class MaskClient:
         self._thread.start()
 
     # ---- public API (any thread) ----
-    def get(self, epoch: int, step: int, sample_ids) -> MaskBatch:
-        """Masks of batch (epoch, step) of this rank; verifies the sample-id checksum."""
+    @property
+    def endpoint(self) -> str:
+        """The server this rank talks to now (failover moves it along the listed ones)."""
+        return self._link.endpoint
+
+    def get(self, epoch: int, step: int, sample_ids, should_stop=None) -> MaskBatch:
+        """Masks of batch (epoch, step) of this rank; verifies the sample-id checksum. The wait
+        checks should_stop() every 0.2 s and raises MaskWaitInterrupted once it is true."""
         want = P.checksum(np.asarray(sample_ids))
         key = (epoch, step)
         with self._cv:
@@ -140,19 +158,27 @@ class MaskClient:
                     raise MaskServerError(self._fatal)
                 if not self._thread.is_alive():
                     raise MaskServerError(f"rank {self.rank}: mask client I/O thread ended")
+                if should_stop is not None and should_stop():
+                    raise MaskWaitInterrupted(f"rank {self.rank}: stopped while waiting for masks of epoch "
+                                              f"{epoch} step {step} from {self.endpoint}")
                 now = time.monotonic()
-                if now - t0 >= self.mask_timeout:
+                start = max(t0, self._switched_at)  # a failover restarts the wait
+                if self.policy == "random" and self._down:  # known dead: no --mask-timeout per batch
+                    self.stats["fallback_down"] += 1
+                    self._advance(key)
+                    return self._random(epoch, step, len(sample_ids))
+                if now - start >= self.mask_timeout:
                     if self.policy == "random":
                         self._advance(key)
                         return self._random(epoch, step, len(sample_ids))
                     if self.policy == "fail":
                         raise TimeoutError(f"rank {self.rank}: no masks for epoch {epoch} step {step} "
-                                           f"from {self.endpoint} within {self.mask_timeout}s")
+                                           f"within {self.mask_timeout}s: {self.diagnosis()}")
                     if now - last_log >= self.mask_timeout:
-                        log.warning("rank %d: still waiting for masks of epoch %d step %d (%.0fs)",
-                                    self.rank, epoch, step, now - t0)
+                        log.warning("rank %d: still waiting for masks of epoch %d step %d (%.0fs): %s",
+                                    self.rank, epoch, step, now - t0, self.diagnosis())
                         last_log = now
-                self._cv.wait(min(0.5, max(0.001, self.mask_timeout - (now - t0))))
+                self._cv.wait(min(0.2, max(0.001, self.mask_timeout - (now - start))))
             msg = self._ready.pop(key)
             self._advance(key)
         self._command(("credit", 1))
@@ -166,9 +192,13 @@ class MaskClient:
         return _masks_to_batch(msg)
 
     def send_weights(self, state_dict: dict, version: int, step: int) -> None:
-        """Snapshot now (see weights.weight_chunks) and queue the chunks for the I/O thread."""
-        for frames in weight_chunks(state_dict, version, step):
-            self._command(("send", frames))
+        """Snapshot `state_dict` now, in its own dtypes, and send it (see send_snapshot)."""
+        self.send_snapshot(take_snapshot(state_dict, version, step))
+
+    def send_snapshot(self, snap: Snapshot) -> None:
+        """Hand a snapshot (maskserver/snapshot.py) to the I/O thread, which hashes, chunks and sends
+        it once its copy is done; it replaces a snapshot still waiting there (one waits at most)."""
+        self._command(("snapshot", snap))
 
     def send_feedback(self, epoch: int, step: int, head_loss_sum, head_count) -> None:
         arrays = {"head_loss_sum": np.asarray(head_loss_sum, np.float32),
@@ -176,7 +206,17 @@ class MaskClient:
         self._command(("send", P.encode(P.FEEDBACK, {"rank": self.rank, "epoch": epoch, "step": step},
                                         arrays)))
 
+    def diagnosis(self) -> str:
+        """Why no masks come, in one line naming the endpoint."""
+        if self._welcomed and not self._down:
+            return f"mask server {self.endpoint} is up but sent no masks for this batch"
+        if self.server_id is not None:
+            return (f"mask server {self.endpoint} silent for {time.monotonic() - self._heard:.1f}s "
+                    f"(heartbeats missed; was it stopped or killed?)")
+        return self._link.diagnosis()
+
     def close(self, timeout: float = 2.0) -> None:
+        """BYE with the cursor (the server knows whether this rank finished its plan), then stop."""
         if self._closed:
             return
         self._closed = True
@@ -199,8 +239,9 @@ class MaskClient:
         g = batch_generator(self.seed, epoch, step, self.rank)
         mask = random_mask(n, self.num_patches, self.ratio, generator=g)
         self.fallbacks.append((epoch, step))
-        log.warning("rank %d: epoch %d step %d: no masks within %.1fs, random fallback (%d so far)",
-                    self.rank, epoch, step, self.mask_timeout, len(self.fallbacks))
+        if not self._down:  # while it is down the I/O thread logs the outage and the return instead
+            log.warning("rank %d: epoch %d step %d: random fallback (%d so far): %s", self.rank, epoch, step,
+                        len(self.fallbacks), self.diagnosis())
         return MaskBatch(mask, (~mask).sum(1), {}, -1, -1, fallback=True)
 
     def _command(self, cmd) -> None:
@@ -211,32 +252,13 @@ class MaskClient:
             pass  # pipe full (already awake) or closed
 
     # ---- the I/O thread: the only code that touches the socket ----
-    def _connect(self, ctx: zmq.Context) -> zmq.Socket:
-        s = ctx.socket(zmq.DEALER)
-        try:
-            s.setsockopt(zmq.LINGER, 0)
-            s.setsockopt(zmq.MAXMSGSIZE, P.MAX_ARRAY_BYTES)
-            if self.curve:
-                from mimpipe.maskserver.keys import load_secret
-                secret_file, server_public_file = self.curve
-                s.curve_publickey, s.curve_secretkey = load_secret(secret_file)
-                s.curve_serverkey = zmq.auth.load_certificate(server_public_file)[0]
-            try:
-                s.connect(self.endpoint)
-            except zmq.ZMQError as e:
-                raise ValueError(f"mask server endpoint {self.endpoint!r}: {e.strerror}") from None
-        except BaseException:
-            s.close(linger=0)
-            raise
-        return s
-
     def _hello(self, sock: zmq.Socket) -> None:
         with self._cv:
             cursor = list(self._cursor)
         self._send(sock, P.encode(P.HELLO, {"rank": self.rank, "world_size": self.world_size,
                                             "plan_hash": self.plan_hash, "cursor": cursor,
                                             "restart_id": self.restart_id, "credits": self.credits,
-                                            "run_id": self.run_id}))
+                                            "run_id": self.run_id, **self.run}))
 
     def _send(self, sock: zmq.Socket, frames: list) -> None:
         try:
@@ -247,19 +269,47 @@ class MaskClient:
             log.warning("rank %d: could not send %s (server unreachable); dropped", self.rank,
                         bytes(frames[0][:40]))
 
+    def _send_snapshot(self, sock: zmq.Socket) -> None:
+        """The weights path of the I/O thread: free the buffers zmq is done with; once the waiting
+        snapshot's copy is done, hash it, chunk it and queue every chunk (zero-copy, tracked)."""
+        for snap, trackers in self._inflight:
+            if all(t.done for t in trackers):
+                snap.release()
+        self._inflight = [(s, t) for s, t in self._inflight if not all(x.done for x in t)]
+        snap = self._snapshot
+        if snap is None or not snap.ready():
+            return
+        self._snapshot = None
+        if not snap.claim():  # a newer snapshot took its buffer; it is on its way here
+            return
+        trackers = []
+        for frames in snap.chunks():
+            try:
+                trackers.append(sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=True))
+            except zmq.Again:  # a partial upload never counts on the server; the next snapshot will
+                self.stats["send_dropped"] += 1
+                log.warning("rank %d: weights v%d: could not queue every chunk (server unreachable); dropped",
+                            self.rank, snap.version)
+                break
+        else:
+            self.stats["weights_sent"] += 1
+        self._last_sent = time.monotonic()
+        self._inflight.append((snap, trackers))
+
     def _io(self) -> None:
-        ctx, sock = zmq.Context(), None
+        ctx, link, sock = zmq.Context(), self._link, None
         try:  # everything: whatever ends this thread must reach get() as _fatal
-            sock = self._connect(ctx)
+            sock = link.open(ctx)
             poller = zmq.Poller()
-            poller.register(sock, zmq.POLLIN)
-            poller.register(self._wake_r, zmq.POLLIN)
+            for s in (sock, link.monitor, self._wake_r):
+                poller.register(s, zmq.POLLIN)
             self._hello(sock)
             last_recv, backoff, seq = time.monotonic(), BACKOFF_MIN, None
             last_hello = last_recv
-            welcomed = False
+            switch = False  # a server said RANKS: move on now
             while True:
-                timeout = self.heartbeat / 2
+                # a waiting snapshot's copy event and the zmq trackers of sent ones are polled
+                timeout = 0.005 if self._snapshot is not None or self._inflight else self.heartbeat / 2
                 events = dict(poller.poll(timeout * 1000))
                 now = time.monotonic()
                 if self._wake_r in events:
@@ -267,29 +317,41 @@ class MaskClient:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                link.events()  # raises LinkError (a ValueError) for a refused key or a CURVE mismatch
                 while True:  # commands from the public methods
                     try:
                         cmd = self._cmds.get_nowait()
                     except queue.Empty:
                         break
                     if cmd[0] == "close":
-                        self._send(sock, P.encode(P.BYE, {}))
+                        with self._cv:
+                            cursor = list(self._cursor)
+                        self._send(sock, P.encode(P.BYE, {"cursor": cursor}))
+                        link.close(linger=int(1000 * self.heartbeat))  # the BYE tells the server we finished
+                        sock = None
                         return
                     if cmd[0] == "credit":
                         self._send(sock, P.encode(P.CREDIT, {"rank": self.rank, "n": cmd[1]}))
                     elif cmd[0] == "hello":
                         self._hello(sock)
+                    elif cmd[0] == "snapshot":
+                        if self._snapshot is not None:  # never sent: the newer one replaces it
+                            self._snapshot.release()
+                            self.stats["weights_superseded"] += 1
+                        self._snapshot = cmd[1]
                     else:
                         self._send(sock, cmd[1])
+                self._send_snapshot(sock)
                 while sock in events:
                     try:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    last_recv = now
-                    action = self._on_message(frames, welcomed)
+                    last_recv = self._heard = now
+                    action = self._on_message(frames, self._welcomed)
                     if action == "welcome":
-                        welcomed, backoff, seq = True, BACKOFF_MIN, None
+                        self._welcomed, backoff, seq = True, BACKOFF_MIN, None
+                        self._up()
                     elif action == "restart":  # the server's worker for this rank failed: HELLO restarts it
                         self._hello(sock)
                         last_hello = now
@@ -298,6 +360,12 @@ class MaskClient:
                         last_hello = now
                     elif action == "lost":
                         last_recv = 0.0  # reconnect below
+                    elif action == "ranks":  # this server does not serve us: the next listed one
+                        link.refused.add(link.index)
+                        if len(link.refused) == len(link.endpoints):
+                            self._set_fatal(f"rank {self.rank}: none of the mask servers {link.endpoints} "
+                                            f"serves this rank (each server's --ranks)")
+                        last_recv, switch = 0.0, True
                     elif isinstance(action, tuple):  # ("masks", seq)
                         if seq is not None and action[1] != seq + 1:
                             self.stats["seq_gaps"] += 1
@@ -309,23 +377,36 @@ class MaskClient:
                 if now - last_recv > 3 * self.heartbeat:  # the server is gone: new socket, re-HELLO
                     if self._fatal:
                         continue
-                    poller.unregister(sock)
-                    sock.close(linger=0)
+                    self._lost(now)
+                    gone = now - self._heard
+                    if switch or (gone > self.mask_timeout / 2 and len(link.endpoints) > 1):
+                        old = link.endpoint
+                        if link.next_server():
+                            self.stats["failovers"] += 1
+                            self._switched_at, self._heard = now, now
+                            backoff = BACKOFF_MIN
+                            log.warning("rank %d: mask server %s %s; moving to %s at batch %s", self.rank, old,
+                                        "does not serve this rank" if switch else f"silent for {gone:.1f}s",
+                                        link.endpoint, list(self._cursor))
+                    switch = False
+                    for s in (sock, link.monitor):
+                        poller.unregister(s)
+                    link.close()
                     time.sleep(min(backoff, 0.2))  # sleep briefly; the rest of the backoff is in last_recv
-                    sock = self._connect(ctx)
-                    poller.register(sock, zmq.POLLIN)
+                    sock = link.open(ctx)
+                    for s in (sock, link.monitor):
+                        poller.register(s, zmq.POLLIN)
                     self.stats["reconnects"] += 1
-                    log.warning("rank %d: no word from mask server %s for %.1fs; reconnecting",
-                                self.rank, self.endpoint, 3 * self.heartbeat)
                     self._hello(sock)
-                    welcomed = False
+                    self._welcomed = False
                     last_recv = time.monotonic() + backoff - min(backoff, 0.2)
                     backoff = min(2 * backoff, BACKOFF_MAX)
                 elif time.monotonic() - self._last_sent > self.heartbeat:
                     self._send(sock, P.encode(P.HEARTBEAT, {"restart_id": self.restart_id}))
         except Exception as e:  # noqa: BLE001 - surfaced through get()
-            why = f"rank {self.rank}: mask client I/O thread failed: {e if isinstance(e, ValueError) else repr(e)}"
-            if isinstance(e, ValueError):  # a bad endpoint or key file: the message says it all
+            why = str(e) if isinstance(e, LinkError) else \
+                f"rank {self.rank}: mask client I/O thread failed: {e if isinstance(e, ValueError) else repr(e)}"
+            if isinstance(e, ValueError):  # a bad endpoint or key file, a failed handshake: the message says it all
                 self._set_fatal(why)
             else:
                 log.exception("rank %d: mask client I/O thread failed", self.rank)
@@ -333,9 +414,25 @@ class MaskClient:
                     self._fatal = why
                     self._cv.notify_all()
         finally:
-            if sock is not None:
-                sock.close(linger=0)
+            link.close()
             ctx.term()
+
+    def _lost(self, now: float) -> None:
+        """No word from the server for 3 heartbeats (or none ever): it is down until a WELCOME."""
+        if self._down:
+            return
+        with self._cv:
+            self._down = True
+            self._cv.notify_all()  # a `random` get waiting now falls back at once
+        log.warning("rank %d: mask server %s down: %s%s", self.rank, self.endpoint, self.diagnosis(),
+                    "; random masks until it answers" if self.policy == "random" else "")
+
+    def _up(self) -> None:
+        if self._down:
+            self._down = False
+            self.stats["recovered"] += 1
+            log.warning("rank %d: mask server %s answers again: served masks from batch %s (%d random "
+                        "fallbacks so far)", self.rank, self.endpoint, list(self._cursor), len(self.fallbacks))
 
     _last_sent = 0.0
 
@@ -364,8 +461,16 @@ class MaskClient:
             log.warning("rank %d: mask server said BYE", self.rank)
             return "lost"
         if msg.type == P.ERROR:
-            if f["code"] in (P.E_PLAN, P.E_VERSION, P.E_REPLACED):
-                self._set_fatal(f"rank {self.rank}: mask server refused us: {f['code']}: {f['message']}")
+            if f["code"] == P.E_RANKS and len(self._link.endpoints) > 1:
+                log.warning("rank %d: mask server %s: %s", self.rank, self.endpoint, f["message"])
+                return "ranks"
+            if f["code"] in (P.E_PLAN, P.E_VERSION, P.E_REPLACED, P.E_RANKS):
+                self._set_fatal(f"rank {self.rank}: mask server {self.endpoint} refused us: {f['code']}: "
+                                f"{f['message']}")
+                return None
+            if f["code"] == P.E_WEIGHTS:  # the teacher would go on with older weights: the trainer must know
+                self._set_fatal(f"rank {self.rank}: mask server {self.endpoint} rejected our weights: "
+                                f"{f['message']}")
                 return None
             self.stats["errors"] += 1
             if f["code"] == P.E_WORKER:

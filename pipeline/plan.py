@@ -25,7 +25,7 @@ from mimpipe.tools.argtypes import nonneg_int, positive_int, unit_float
 
 PLAN_VERSION = 1
 MASK64 = (1 << 64) - 1
-STREAM_ORDER, STREAM_VIEW, STREAM_MASK = 1, 2, 3   # independent hash streams
+STREAM_ORDER, STREAM_VIEW = 1, 2   # independent hash streams
 
 
 @dataclass(frozen=True)
@@ -112,9 +112,19 @@ def uniforms(seed: int, epoch: int, stream: int, ids: np.ndarray, draws: int) ->
 
 
 def batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
-    """Seed of the mask noise of batch (epoch, step, rank): the same in the trainer, the in-loop
-    teacher and the mask server, and independent of what ran before (resume, restarts)."""
-    return int(hash_u64(seed, epoch, STREAM_MASK, np.array([step * 65536 + rank]), 1)[0, 0] >> np.uint64(1))
+    """The seed of batch (epoch, step, rank)'s mask noise: the same in the trainer, the in-loop
+    teacher, the mask server and its client's random fallback, and independent of timing, threads,
+    process or what ran before (resume, restarts)."""
+    key = np.array([seed, epoch, step, rank], dtype="<i8").tobytes()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def batch_generator(seed: int, epoch: int, step: int, rank: int, device="cpu"):
+    """A torch.Generator on `device` seeded with batch_seed."""
+    import torch   # the plan itself is numpy; the generator is for the mask strategies
+    g = torch.Generator(device=device)
+    g.manual_seed(batch_seed(seed, epoch, step, rank))
+    return g
 
 
 # -- crops ---------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The command line a user meets: config files, MAE's flag names, ranges, requeue-safe runs."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -132,6 +133,9 @@ def test_resume_after_a_kill_logs_every_step_once(sample_ds, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(ckpt)   # what the kill left: the checkpoint at 4
     train(cfg(sample_ds, tmp_path, max_steps=8), resume=True)
     assert [json.loads(line)["it"] for line in open(tmp_path / "metrics.jsonl")] == list(range(1, 9))
+    # the run keeps its identity across launches (a mask server hands a live rank back only to it)
+    first = torch.load(io.BytesIO(ckpt), weights_only=True)["run_id"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["run_id"] == first and len(first) == 32
 
 
 def test_resume_with_another_model_is_one_line(sample_ds, tmp_path):

@@ -28,3 +28,13 @@ def test_installed_names_resolve_outside_the_repository(tmp_path):
     version, leaked = r.stdout.splitlines()
     assert version != "0+unknown"
     assert leaked == "[]", f"top-level modules besides mimpipe: {leaked}"
+
+
+def test_the_trainer_needs_no_zeromq_without_a_mask_server(tmp_path):
+    """A GPU box may hold only torch and timm: random and in-loop masks must not import pyzmq."""
+    code = ("import sys; sys.modules['zmq'] = None\n"   # any `import zmq` now raises ImportError
+            "import mimpipe.train.trainer, mimpipe.train.masks, mimpipe.tools.profile\n"
+            "from mimpipe.pipeline.plan import batch_generator\n"
+            "print(torch_ok := batch_generator(0, 1, 2, 3).initial_seed() > 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]

@@ -57,6 +57,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_iteration_with_a_checkpoint(
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert r0[-1]["it"] == r1[-1]["it"] == ckpt["it"] < 50 * 15, (r0[-1], r1[-1], ckpt["it"])
     assert "stopped at iteration" in text and "--resume" in text, text[-2000:]
+    assert (out / "STOPPED").read_text().startswith(f"iteration {ckpt['it']} of")   # a job script requeues on it
 
 
 @pytest.mark.parametrize("flag, available, meant, want", [

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mimpipe.maskserver.client import MaskClient, batch_generator
+from mimpipe.pipeline.plan import batch_generator
 from mimpipe.maskserver.strategies import len_keep_for, random_mask
 from mimpipe.maskserver.teacher import Teacher, default_source
 
@@ -100,27 +100,41 @@ class ServerMasks:
                  world_size: int, plan_hash: str, cursor: tuple[int, int], num_patches: int,
                  ratio: float, seed: int, credits: int, mask_timeout: float, policy: str,
                  heartbeat: float, projector: bool = False, run_id: str | None = None,
-                 restart_id: str | None = None):
+                 restart_id: str | None = None, others: tuple[str, ...] = (), curve: str | None = None,
+                 mam: bool = False, epochs: int | None = None, should_stop=None):
         """projector: send the EMA's 'projector.*' too; only a server run with --lut holds one
         (maskserver/teacher.py), and any other teacher rejects weights with names it lacks.
         run_id: the run's identity, the same on every rank and kept across --resume (a token of
         the run, stored in its checkpoint); it is what lets a restarted trainer take its ranks back
         from a server that still holds them. Default: this launch's restart_id (every start is a
         run of its own). restart_id: this launch's, the same on every rank; default: rank 0 draws
-        one and broadcasts it (a collective: every rank builds its ServerMasks at the same point)."""
+        one and broadcasts it (a collective: every rank builds its ServerMasks at the same point).
+        others: servers to fail over to (maskserver/client.py). curve: the `mimpipe keys` folder
+        (maskserver/keys.py client_curve: which key this rank uses). mam: the trainer needs GPA
+        targets. epochs: the run's length (the server exits when every rank finished). should_stop:
+        a callable checked while get waits (the trainer's `lambda: stop.local`); get then raises
+        MaskWaitInterrupted."""
         self.kind = (source or default_source(strategy)).split(":", 1)[0]
         self.prefixes = Teacher.state_for(strategy, model) if self.kind == "online" else ("",)
+        from mimpipe.maskserver.client import MaskClient   # pyzmq is needed only where a server is
+        from mimpipe.maskserver.keys import client_curve
         self.client = MaskClient(endpoint, rank=rank, world_size=world_size, plan_hash=plan_hash,
                                  cursor=cursor, credits=credits, mask_timeout=mask_timeout,
                                  policy=policy, heartbeat=heartbeat, num_patches=num_patches,
                                  ratio=ratio, seed=seed, run_id=run_id,
-                                 restart_id=restart_id or launch_id(world_size))
+                                 restart_id=restart_id or launch_id(world_size), others=tuple(others),
+                                 curve=client_curve(curve, rank) if curve else None,
+                                 run={"strategy": strategy, "model": model, "source": self.kind,
+                                      "ratio": float(ratio), "lut": projector,
+                                      "targets": ["gpa_target"] if mam else [],
+                                      **({"epochs": epochs} if epochs else {})})
+        self.should_stop = should_stop
         self.rank, self.needs_weights = rank, strategy != "random" and self.kind != "frozen"
         self.skip = () if projector else ("projector.",)
 
     def get(self, batch) -> Masks:
         t0 = time.perf_counter()
-        mb = self.client.get(batch.epoch, batch.step, batch.sample_ids.numpy())
+        mb = self.client.get(batch.epoch, batch.step, batch.sample_ids.numpy(), should_stop=self.should_stop)
         return Masks(mb.mask, mb.targets, mb.teacher_version,
                      None if mb.teacher_step < 0 else mb.teacher_step, time.perf_counter() - t0, mb.fallback)
 

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -28,10 +29,9 @@ import torch.distributed as dist
 
 from mimpipe.pipeline.loader import Loader
 from mimpipe.pipeline.manifest import load_manifest
-from mimpipe.pipeline.plan import add_plan_arguments, plan_config_from_args
+from mimpipe.pipeline.plan import add_plan_arguments, batch_generator, plan_config_from_args
 from mimpipe.tools.argtypes import float_range, nonneg_float, nonneg_int, positive_float, positive_int
 from mimpipe.tools.config import write_config
-from mimpipe.maskserver.client import batch_generator
 from mimpipe.maskserver.strategies import plb_update
 from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
@@ -93,6 +93,7 @@ class TrainConfig:
     mask_policy: str = "wait"
     heartbeat: float = 1.0
     server_lut: bool = False         # the server runs --lut: it gets the EMA projector, sends t1/t2
+    curve: str | None = None         # `mimpipe keys` folder: CURVE to the server (maskserver/keys.py client_curve)
     # extra loss terms (train/objective.py): weight, 0 = off; defaults for the switch in losses.LOSSES
     lut: float = 0.0
     mto: float = 0.0
@@ -126,7 +127,7 @@ def server_of(rank: int, servers: int, world: int) -> int:
 
 
 def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_hash: str,
-               cursor: tuple[int, int], device: torch.device):
+               cursor: tuple[int, int], device: torch.device, run_id: str | None = None):
     if cfg.masks == "random":
         return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
     if cfg.masks.startswith("inloop:"):
@@ -135,12 +136,14 @@ def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_h
                            img_size=cfg.img_size)
     if cfg.masks.startswith(("tcp://", "ipc://")):
         endpoints = cfg.masks.split(",")
-        return ServerMasks(endpoints[server_of(rank, len(endpoints), world)], strategy=cfg.strategy,
+        mine = server_of(rank, len(endpoints), world)
+        return ServerMasks(endpoints[mine], others=endpoints[mine + 1:] + endpoints[:mine], strategy=cfg.strategy,
                            model=cfg.model, source=cfg.teacher_source, rank=rank, world_size=world,
                            plan_hash=plan_hash, cursor=cursor, num_patches=num_patches,
                            ratio=cfg.mask_ratio, seed=cfg.seed, credits=cfg.credits,
                            mask_timeout=cfg.mask_timeout, policy=cfg.mask_policy, heartbeat=cfg.heartbeat,
-                           projector=cfg.server_lut)
+                           projector=cfg.server_lut, run_id=run_id, curve=cfg.curve, mam=cfg.mam > 0,
+                           epochs=cfg.epochs)
     raise ValueError(f"--masks {cfg.masks!r}: choose random, inloop:<strategy> or tcp://host:port[,...]")
 
 
@@ -195,6 +198,8 @@ class Run:
         self.mc, self.masks = mc, None   # the mask source starts at the cursor: see start_masks
         self.it = 0   # iterations done, over every launch of the run
         self.epoch = self.step = 0   # the cursor: the next batch is (epoch, step) of the plan
+        # the run's identity, kept across --resume: a mask server hands a live rank back only to it
+        self.run_id = _broadcast(secrets.token_hex(16)) if world > 1 else secrets.token_hex(16)
         self.saved_it: int | None = None   # of this run's checkpoint.pt (keep_last's links name it)
         if rank == 0:
             log.info("effective batch %d, peak lr %.3g, %d steps/epoch, plan %s",
@@ -210,7 +215,7 @@ class Run:
                              f"cannot use a mask server yet: its plan has no resume offset; finish the epoch "
                              f"with the old layout, or resume at an epoch boundary")
         self.masks = make_masks(self.cfg, self.rank, self.world, self.mc.num_patches,
-                                self.loader.plan.hash, (self.epoch, self.step), self.device)
+                                self.loader.plan.hash, (self.epoch, self.step), self.device, self.run_id)
         if isinstance(self.masks, InloopMasks) and self.plb["p"] is not None:
             self.masks.head_probs = self.plb["p"].float()   # as the server passes its float64 p
 
@@ -225,7 +230,7 @@ class Run:
                  "step": self.step, "consumed": plan.consumed(self.epoch, self.step),
                  "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                  "optimizer": self.opt.state_dict(), "plan_hash": plan.hash, "data_hash": plan.data_hash,
-                 "plb": dict(self.plb)}
+                 "plb": dict(self.plb), "run_id": self.run_id}
         out, steps = self.ckpt_path.parent, self.loader.steps
         prev = self.saved_it
         if self.cfg.keep_last > 1 and prev is not None and prev != self.it and self.ckpt_path.exists():
@@ -262,6 +267,7 @@ class Run:
         self.it = self.saved_it = int(state["it"])
         self.plb.update(state.get("plb") or {})
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.run_id = state["run_id"]
         if state["plan_hash"] == plan.hash:
             return "the same layout: exactly the batches an uninterrupted run sees"
         plan.resume_at(self.epoch, int(state["consumed"]))
@@ -319,6 +325,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         log.info("--resume: no %s yet, starting fresh", run.ckpt_path)
     if rank == 0:
         write_config(out / RUN_CONFIG, asdict(cfg))
+        (out / "STOPPED").unlink(missing_ok=True)
     run.start_masks()
     # iterations left to the planned end; --max-steps stops earlier, the schedules still follow --epochs
     left = sum(plan.steps_in(e) for e in range(run.epoch, cfg.epochs)) - run.step
@@ -390,7 +397,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     progress.close()
     if rank == 0:
         plot_curves(out / "metrics.jsonl", out / "loss.png")
-        if stopped:
+        if stopped:   # OUT/STOPPED: what a job script checks to requeue itself
+            (out / "STOPPED").write_text(f"iteration {run.it} of {total}\n")
             log.info("%s: stopped at iteration %d (epoch %d, step %d), checkpoint written", stop.signal or
                      "a signal on another rank", run.it, run.epoch, run.step)
     if world > 1:
@@ -481,6 +489,13 @@ def _autocast(model: torch.nn.Module):
     """bf16 autocast where the model lives on CUDA; a no-op on CPU (fp32, deterministic)."""
     device = next(model.parameters()).device.type
     return torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+
+def _broadcast(value: str) -> str:
+    """Rank 0's value on every rank (a collective)."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -589,6 +604,8 @@ def add_arguments(p) -> None:
     g.add_argument("--server-lut", action=argparse.BooleanOptionalAction, default=d.server_lut,
                    help="the mask server runs --lut: send it the EMA projector (its hidden width must be "
                    "the server's 4096, --head-hidden), use its LUT targets")
+    g.add_argument("--curve", metavar="DIR", default=None, help="CURVE keys from `mimpipe keys`: rank r uses "
+                   "DIR/private/client{r %% n}.key_secret of the n there, and DIR/server.key")
     add_plan_arguments(p, world_size=False)
 
 
