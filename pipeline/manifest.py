@@ -120,10 +120,10 @@ def load_manifest(root: str | os.PathLike, *, verify: bool = True) -> Manifest:
         folder = folder.rsplit("/", 1)[0] if url else str(Path(folder).parent)
     store = open_store(folder)
     root, path = store.root, store.url(MANIFEST)
-    if store.size(MANIFEST) is None:
-        raise ManifestError(f"{path}: no manifest (is this a folder written by `mimpipe shard`?)")
     try:
         doc = json.loads(store.read(MANIFEST, MAX_MANIFEST).decode())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ManifestError(f"{path}: no manifest (is this a folder written by `mimpipe shard`?)") from None
     except (OSError, ValueError) as e:   # JSON and UTF-8 errors are ValueErrors too
         raise ManifestError(f"{path}: unreadable manifest: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

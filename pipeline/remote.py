@@ -81,7 +81,8 @@ class LocalStore:
     def read(self, name: str, limit: int) -> bytes:
         with open(self.root / name, "rb") as f:
             data = f.read(limit + 1)
-        return _bounded(self.url(name), data, limit)
+        _check_size(self.url(name), len(data), limit)
+        return data
 
 
 class RemoteStore:
@@ -115,9 +116,10 @@ class RemoteStore:
         size = self.size(name)
         if size is None:
             raise FileNotFoundError(f"{self.url(name)}: not found")
-        _bounded(self.url(name), b"", limit, size)
+        _check_size(self.url(name), size, limit)
         data = retried(self.url(name), lambda: self.fs.cat_file(self._path(name)))
-        return _bounded(self.url(name), data, limit)
+        _check_size(self.url(name), len(data), limit)   # the body may differ from what HEAD said
+        return data
 
     def read_ranges(self, ranges) -> list:
         """ranges: [(file, start, end)] -> for each, its bytes or the exception that ended its
@@ -170,11 +172,9 @@ def _checked_range(url: str, start: int, end: int, got):
     return got
 
 
-def _bounded(url, data: bytes, limit: int, size: int | None = None) -> bytes:
-    n = len(data) if size is None else size
+def _check_size(url, n: int, limit: int) -> None:
     if n > limit:
         raise ValueError(f"{url}: {n} bytes, more than the {limit} this file can hold")
-    return data
 
 
 def upload(folder: Path, url: str, shard_files: list[str], last: list[str]) -> None:
