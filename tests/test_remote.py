@@ -177,3 +177,18 @@ def test_shard_uploads_to_s3_the_same_dataset(image_folder, tmp_path, s3_endpoin
         assert all(np.array_equal(a, b) for a, b in zip(r.read(range(len(m))), rl.read(range(len(m)))))
     with pytest.raises(Exception, match=rf"{url}: already holds a complete dataset"):
         shard_main(p.parse_args([str(src), url, "--staging", str(tmp_path / "stage2"), *opts]))
+
+
+def test_trainer_and_viz_take_a_url_for_shards(http_server, tmp_path):
+    """Every command reaches the shards through load_manifest + Loader: the trainer (--shards as a
+    string) and viz (whose positional SHARDS is a pathlib.Path, which drops a slash of the URL)."""
+    from mimpipe.tools import viz
+    from mimpipe.train.trainer import TrainConfig, train
+    train(TrainConfig(shards=http_server.url, out=str(tmp_path / "run"), model="mae_vit_micro_patch8_64",
+                      batch_size=8, max_steps=1, threads=1))
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    p = argparse.ArgumentParser()
+    viz.add_arguments(p)
+    r = viz.run(p.parse_args([http_server.url, "--model", "mae_vit_micro_patch8_64", "--strategies", "random",
+                              "--recall-images", "16", "--n", "2", "--out", str(tmp_path / "v.png")]))
+    assert r["images"] >= 16 and (tmp_path / "v.png").stat().st_size > 10_000
