@@ -390,6 +390,8 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__})
     r = finetune(cfg, resume=args.resume, overwrite=args.overwrite)
+    if r["top1"] is None:   # ranks > 0: rank 0 validates and reports
+        return 0
     print(f"fine-tuned {r['it']} iterations: top-1 {r['top1']:.3f}, top-5 {r['top5']:.3f} "
           f"(log {cfg.out}/log.jsonl)")
     return 0
