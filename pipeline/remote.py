@@ -89,12 +89,12 @@ class RemoteStore:
     parallel = 16   # requests in flight while checking shards (HEADs and index reads)
 
     def __init__(self, url: str):
-        import fsspec   # the remote extra; a local user needs none of it
         self.root = url.rstrip("/")
         try:
+            import fsspec   # the remote extra; a local user needs none of it
             self.fs, self._base = fsspec.core.url_to_fs(self.root)
-        except ImportError as e:
-            raise ImportError(f"{self.root}: reading this needs the remote extra: {EXTRA} ({e})") from e
+        except ImportError as e:   # a RuntimeError: the CLI prints it as one line
+            raise RuntimeError(f"{self.root}: reading this needs the remote extra: {EXTRA} ({e})") from e
 
     def url(self, name: str) -> str:
         return f"{self.root}/{name}"

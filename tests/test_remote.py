@@ -177,6 +177,15 @@ def test_shard_uploads_to_s3_the_same_dataset(image_folder, tmp_path, s3_endpoin
         assert all(np.array_equal(a, b) for a, b in zip(r.read(range(len(m))), rl.read(range(len(m)))))
     with pytest.raises(Exception, match=rf"{url}: already holds a complete dataset"):
         shard_main(p.parse_args([str(src), url, "--staging", str(tmp_path / "stage2"), *opts]))
+    # an upload cut short (no manifest yet, a shard missing): the same command with --resume completes it
+    store = RemoteStore(url)
+    for name in ("manifest.json", m.shards[1].file):
+        store.fs.rm_file(f"{url}/{name}")
+    store.fs.invalidate_cache()
+    with pytest.raises(ManifestError, match=rf"{url}/manifest\.json: no manifest"):
+        load_manifest(url)
+    assert shard_main(p.parse_args([str(src), url, "--staging", str(tmp_path / "stage"), "--resume", *opts])) == 0
+    assert np.array_equal(load_manifest(url).table, local.table)
 
 
 def test_trainer_and_viz_take_a_url_for_shards(http_server, tmp_path):
