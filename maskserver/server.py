@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from mimpipe.maskserver import protocol as P
-from mimpipe.maskserver.weights import WeightAssembler, snapshot_limit
+from mimpipe.maskserver.weights import AssemblyThread, WeightAssembler, snapshot_limit
 from mimpipe.maskserver.client import batch_generator
 from mimpipe.maskserver.strategies import get_strategy, pack_mask, plb_update, random_mask
 
@@ -114,8 +114,10 @@ class MaskServer:
         # (serve.py sets ZMQ_MAXMSGSIZE to frame_limit) by a header, a weights chunk or a feedback
         expect = teacher.held_spec() if teacher.kind != "frozen" else {}
         limit = snapshot_limit(expect)
-        self.assembler = WeightAssembler(version=teacher.version, max_bytes=limit, expect=expect)
         self.frame_limit = max(P.MAX_HEADER_BYTES, min(P.DEFAULT_CHUNK_BYTES, limit))
+        # uploads are copied into place and hashed on a thread of their own, not the socket thread
+        self.assembler = AssemblyThread(WeightAssembler(version=teacher.version, max_bytes=limit, expect=expect),
+                                        self._assembled, max_waiting=max(limit, self.frame_limit))
         self.pending = None  # Weights waiting for the next batch boundary
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()  # (identity, frames) from workers
         self.feedback_seen: set[tuple[int, int, int]] = set()
@@ -272,15 +274,21 @@ class MaskServer:
         if max(f["version"], f["step"]) > bound:
             return self._error(identity, P.E_WEIGHTS, f"rank {st.rank}: weights version {f['version']} step "
                                f"{f['step']} > its position {bound - self.steps} + one epoch ({self.steps})")
-        try:
-            w = self.assembler.add(msg)
-        except P.ProtocolError as e:
-            return self._error(identity, e.code, f"rank {st.rank}: {e.message}")
-        if w is not None:
-            with self.lock:
-                self.pending = w
-            log.info("rank %d: weights v%d (step %d) complete; applied before the next batch",
-                     st.rank, w.version, w.step)
+        if not self.assembler.submit((self.session, identity, st.rank), msg):
+            return self._error(identity, P.E_WEIGHTS, f"rank {st.rank}: weights chunk dropped: "
+                               f"{self.assembler.waiting} bytes of chunks wait for assembly already")
+
+    def _assembled(self, tag: tuple, w, err: P.ProtocolError | None) -> None:
+        """The AssemblyThread's result, on its thread: an upload's error goes to its sender, a complete
+        snapshot of the launch that still owns the teacher waits for the next batch boundary."""
+        session, identity, rank = tag
+        if err is not None:
+            return self._error(identity, err.code, f"rank {rank}: {err.message}")
+        with self.lock:
+            if session != self.session:  # a new launch took the teacher while this one was assembled
+                return
+            self.pending = w
+        log.info("rank %d: weights v%d (step %d) complete; applied before the next batch", rank, w.version, w.step)
 
     def _feedback(self, identity: bytes, st: RankState, msg: P.Message) -> None:
         """PLB feedback of a batch this server sent the rank, for the teacher's heads, counted once."""

@@ -5,45 +5,60 @@ from __future__ import annotations
 
 import hashlib
 import math
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from mimpipe.maskserver.protocol import (DEFAULT_CHUNK_BYTES, DTYPES, E_ARRAY, E_TYPE, E_WEIGHTS, MAX_WEIGHTS_BYTES,
+from mimpipe.maskserver.protocol import (DEFAULT_CHUNK_BYTES, DTYPES, E_ARRAY, E_INTERNAL, E_TYPE, E_WEIGHTS,
+                                 MAX_WEIGHTS_BYTES,
                                  TORCH_DTYPES, TORCH_TAGS, WEIGHT_ALIGN, WEIGHTS, Message, ProtocolError,
                                  brief, encode)
 
 
-def weight_chunks(state: dict[str, torch.Tensor], version: int, step: int,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list]:
-    """Snapshot `state` now and return an iterator of WEIGHTS messages (frame lists), chunk 0 first.
-
-    The snapshot is one copy into a private buffer, taken at call time: the trainer keeps updating
-    its parameters while zmq sends the frames with copy=False, so live tensors must not be on the
-    wire. Tensors are laid out at WEIGHT_ALIGN-byte offsets; sha256 covers the whole buffer.
-    """
-    table, parts, pos = [], [], 0
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype not in TORCH_TAGS:
-            raise ProtocolError(E_ARRAY, f"tensor {name!r}: dtype {t.dtype} not allowed; "
+def layout(specs) -> tuple[list[dict], int]:
+    """The tensor table of a snapshot of `specs` [(name, dtype, shape)], in order, each tensor at a
+    WEIGHT_ALIGN-byte offset, and the snapshot's total bytes (what chunk 0 carries)."""
+    table, pos = [], 0
+    for name, dtype, shape in specs:
+        if dtype not in TORCH_TAGS:
+            raise ProtocolError(E_ARRAY, f"tensor {name!r}: dtype {dtype} not allowed; "
                                          f"choose from {', '.join(DTYPES)}")
         pos = -(-pos // WEIGHT_ALIGN) * WEIGHT_ALIGN
-        table.append({"name": name, "dtype": TORCH_TAGS[t.dtype], "shape": list(t.shape), "offset": pos,
-                      "nbytes": t.numel() * t.element_size()})
-        parts.append(t)
+        table.append({"name": name, "dtype": TORCH_TAGS[dtype], "shape": list(shape), "offset": pos,
+                      "nbytes": math.prod(shape) * dtype.itemsize})
         pos += table[-1]["nbytes"]
-    buf = np.zeros(pos, np.uint8)
-    for e, t in zip(table, parts):
+    return table, pos
+
+
+def encode_chunks(table: list[dict], buf: np.ndarray, version: int, step: int, sha256: str,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list]:
+    """The WEIGHTS messages (frame lists) of snapshot `buf` (uint8 [total_bytes], laid out as
+    `table`), chunk 0 first, each made when asked for; every data frame is a view of `buf`."""
+    common = {"version": version, "step": step, "n_chunks": max(1, -(-len(buf) // chunk_bytes)),
+              "chunk_bytes": chunk_bytes, "total_bytes": len(buf), "sha256": sha256}
+    for i in range(common["n_chunks"]):
+        yield encode(WEIGHTS, {**common, "chunk": i, **({"tensors": table} if i == 0 else {})},
+                     {"data": buf[i * chunk_bytes:(i + 1) * chunk_bytes]})
+
+
+def weight_chunks(state: dict[str, torch.Tensor], version: int, step: int,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[list]:
+    """Snapshot `state` now, in its own dtypes, hash it and return an iterator of its WEIGHTS
+    messages: the synchronous form, for tests and tools (the trainer's is maskserver/snapshot.py).
+
+    The snapshot is one copy into a private buffer, taken at call time: the caller may change its
+    tensors while zmq sends the frames with copy=False, so live tensors must not be on the wire."""
+    parts = [(k, t.detach().cpu().contiguous()) for k, t in state.items()]
+    table, total = layout((k, t.dtype, tuple(t.shape)) for k, t in parts)
+    buf = np.zeros(total, np.uint8)
+    for e, (_, t) in zip(table, parts):
         if e["nbytes"]:
             buf[e["offset"]:e["offset"] + e["nbytes"]] = t.reshape(-1).view(torch.uint8).numpy()
-    common = {"version": version, "step": step, "n_chunks": max(1, -(-pos // chunk_bytes)),
-              "chunk_bytes": chunk_bytes, "total_bytes": pos, "sha256": hashlib.sha256(buf).hexdigest()}
-    return iter([encode(WEIGHTS, {**common, "chunk": i, **({"tensors": table} if i == 0 else {})},
-                        {"data": buf[i * chunk_bytes:(i + 1) * chunk_bytes]})
-                 for i in range(common["n_chunks"])])
+    return iter(list(encode_chunks(table, buf, version, step, hashlib.sha256(buf).hexdigest(), chunk_bytes)))
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,76 @@ class WeightAssembler:
             state[e["name"]] = t
         self.version = version  # counts only now: every check passed
         return Weights(version, step, state)
+
+
+class AssemblyThread:
+    """A WeightAssembler on a thread of its own: the server's socket loop only `submit`s chunks, so
+    copying an upload into place and hashing it (0.3 s for a ViT-B) never stall heartbeats,
+    credits or MASKS. Chunks are added in arrival order; `done(tag, weights, error)` is called on
+    this thread for each completed snapshot and each rejected chunk. At most `max_waiting` bytes of
+    chunks wait (a peer cannot queue more than one teacher-sized upload); past that, `submit`
+    refuses. The thread starts at a reset (a new launch) or a chunk and ends after IDLE_S without
+    either, so an idle server holds none."""
+    IDLE_S = 60.0
+
+    def __init__(self, assembler: WeightAssembler, done: Callable, max_waiting: int):
+        self.assembler, self.done, self.max_waiting = assembler, done, max_waiting
+        self.waiting = 0  # bytes submitted and not yet added
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards waiting and _thread; held only for a few statements
+        self._thread: threading.Thread | None = None
+
+    def submit(self, tag, msg: Message) -> bool:
+        """Queue one decoded WEIGHTS chunk; False (nothing queued) when max_waiting would be passed."""
+        n = len(msg.arrays["data"])
+        with self._lock:
+            if self.waiting + n > self.max_waiting:
+                return False
+            self.waiting += n
+            self._put((tag, msg))
+        return True
+
+    def reset(self, version: int = -1) -> None:
+        """WeightAssembler.reset, in order after every chunk submitted before it. It starts the thread
+        too: a new launch's first upload then does not wait for a thread to start."""
+        with self._lock:
+            self._put((_RESET, version))
+
+    def _put(self, item) -> None:  # with self._lock held
+        self._q.put(item)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="mimpipe-weights", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                tag, msg = self._q.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:  # submit and reset look at _thread under the same lock
+                    if self._q.empty():
+                        self._thread = None
+                        return
+                continue
+            if tag is _RESET:
+                self.assembler.reset(msg)
+                continue
+            w = err = None
+            try:
+                w = self.assembler.add(msg)
+            except ProtocolError as e:
+                err = e
+            except Exception as e:  # noqa: BLE001 - a bug must not end the thread: later uploads still count
+                err = ProtocolError(E_INTERNAL, f"weights assembly failed: {e!r}")
+            finally:
+                with self._lock:
+                    self.waiting -= len(msg.arrays["data"])
+            del msg  # the chunk's zmq frame is freed here, not at the next chunk
+            if w is not None or err is not None:
+                self.done(tag, w, err)
+
+
+_RESET = object()  # AssemblyThread's queue marker: reset the assembler
 
 
 FLOAT_TAGS = ("float16", "bf16", "float32")

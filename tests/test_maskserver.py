@@ -384,6 +384,9 @@ def test_weights_sync_and_masks_match_in_process_teacher(sample_ds, tmp_path):
         first = c.get(0, 0, plan.batch(0, 0).sample_ids)
         assert first.teacher_version == -1
         c.send_weights(state, version=3, step=3)
+        deadline = time.monotonic() + 30  # the I/O thread hashes and queues it: the bound below counts from there
+        while c.stats["weights_sent"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
         got = {}
         for s in range(1, plan.steps):
             got[s] = c.get(0, s, plan.batch(0, s).sample_ids)
@@ -461,6 +464,9 @@ def test_core_feedback_plb_and_weights():
             srv.handle(b"a", c, 0.0)
         assert srv.pending is None
         srv.handle(b"a", chunks[-1], 0.0)
+        deadline = time.monotonic() + 60  # assembled on the server's weights thread, not in handle
+        while srv.pending is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert srv.pending is not None and srv.pending.version == 5
         # silent ranks are freed, the other stays
         srv.handle(b"b", P.encode(P.HEARTBEAT, {"restart_id": "t1"}), 3.0)
