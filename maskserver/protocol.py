@@ -14,7 +14,10 @@ read-only `np.frombuffer` views (no copies), then the per-type value checks. Any
 type       fields (int bounds inclusive)                              array frames
 hello      rank [0,world_size), world_size [1,65536], plan_hash hex,  -
            cursor [epoch,step], restart_id id, credits [0,1024],
-           optional run_id id
+           optional run_id id; optional (what makes masks wrong when
+           it differs, the server compares each) strategy id, model id,
+           source online|momentum|frozen, ratio float [0,1), lut bool,
+           targets [id] (per-image targets the trainer needs), epochs
 welcome    server_id id, plan_hash hex, teacher_version [-1,..],      -
            strategy id, num_patches L [1,65536], cursor [epoch,step]
 credit     rank, n [1,1024]                                           -
@@ -31,7 +34,8 @@ feedback   rank, epoch, step                                          head_loss_
                                                                       head_count int64 [M]
 heartbeat  restart_id id                                              -
 error      code id, message str (<= 4096 bytes)                       -
-bye        -                                                          -
+bye        optional cursor [epoch,step]: the next batch the trainer    -
+           would have needed (>= [epochs, 0]: it finished its plan)
 rank is in [0, 65536), other ints in [0, 2^63); id = [A-Za-z0-9_.:-]{1,64}; hex = [0-9a-f]{8,128};
 F = float16|bf16|float32; D in [1, 16384]; M in [1, 4096]. MASKS: `seq` counts MASKS per rank (a
 gap is a lost message), `checksum` is `checksum(sample ids)`, teacher_version/step -1 = no teacher
@@ -43,7 +47,8 @@ Unknown fields or arrays are rejected: a new field is a new PROTOCOL_VERSION.
 HELLO's run_id names the training run (all its ranks, kept across --resume) and restart_id one
 launch of it (all its ranks, new at every start): teacher weights belong to one (run_id,
 restart_id), and a live rank is handed over only within its run (maskserver/server.py). Without
-run_id the client is a run of its own (run_id = restart_id). Version 2 added run_id.
+run_id the client is a run of its own (run_id = restart_id). Version 2 added run_id; version 3
+HELLO's run description (strategy ... epochs), BYE's cursor and the RANKS code.
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # message types
 HELLO = "hello"  # trainer -> server: register, or re-register after either side restarted
@@ -78,6 +83,8 @@ E_PLAN, E_STATE = "PLAN", "STATE"  # not raised here: plan_hash mismatch, messag
 # not raised here either (server -> trainer): the rank is held by another run or CURVE key (retry
 # later); the rank's mask worker failed (HELLO restarts it); this launch was replaced by a newer one
 E_BUSY, E_WORKER, E_REPLACED = "BUSY", "WORKER", "REPLACED"
+# ... this server does not serve the rank (--ranks): a client with other servers listed tries them
+E_RANKS = "RANKS"
 
 # limits: everything a peer declares is checked against these before anything is allocated
 MAX_HEADER_BYTES = 256 << 10  # hot-path headers are < 1 KiB; chunk 0's tensor table is the big one
@@ -161,6 +168,30 @@ class Cursor:
         if type(v) is not list or len(v) != 2 or any(type(x) is not int or not 0 <= x <= MAX_COUNT
                                                        for x in v):
             raise ProtocolError(E_FIELD, f"field {name!r} must be [epoch, step], non-negative ints; got {brief(v)}")
+
+
+@dataclass(frozen=True)
+class Float:
+    lo: float
+    hi: float  # exclusive
+
+    def check(self, name: str, v: Any) -> None:
+        if type(v) is not float or not self.lo <= v < self.hi:
+            raise ProtocolError(E_FIELD, f"field {name!r} must be a float in [{self.lo}, {self.hi}), got {brief(v)}")
+
+
+@dataclass(frozen=True)
+class Bool:
+    def check(self, name: str, v: Any) -> None:
+        if type(v) is not bool:
+            raise ProtocolError(E_FIELD, f"field {name!r} must be true or false, got {brief(v)}")
+
+
+@dataclass(frozen=True)
+class Ids:
+    def check(self, name: str, v: Any) -> None:
+        if type(v) is not list or len(v) > 16 or not all(type(x) is str and re.fullmatch(_ID, x) for x in v):
+            raise ProtocolError(E_FIELD, f"field {name!r} must be a list of at most 16 ids, got {brief(v)}")
 
 
 def _shape(where: str, shape: Any) -> list[int]:
@@ -276,7 +307,9 @@ _RANK, _STEP, _VERSION = Int(0, MAX_WORLD - 1), Int(), Int(-1)
 SCHEMAS: dict[str, Schema] = {
     HELLO: Schema({"rank": _RANK, "world_size": Int(1, MAX_WORLD), "plan_hash": Str(_HEX),
                    "cursor": Cursor(), "restart_id": Str(_ID), "credits": Int(0, MAX_CREDITS)},
-                  optional={"run_id": Str(_ID)}, check=_check_hello),
+                  optional={"run_id": Str(_ID), "strategy": Str(_ID), "model": Str(_ID),
+                            "source": Str("online|momentum|frozen"), "ratio": Float(0.0, 1.0), "lut": Bool(),
+                            "targets": Ids(), "epochs": Int(1)}, check=_check_hello),
     WELCOME: Schema({"server_id": Str(_ID), "plan_hash": Str(_HEX), "teacher_version": _VERSION,
                      "strategy": Str(_ID), "num_patches": Int(1, MAX_PATCHES), "cursor": Cursor()}),
     CREDIT: Schema({"rank": _RANK, "n": Int(1, MAX_CREDITS)}),
@@ -299,7 +332,7 @@ SCHEMAS: dict[str, Schema] = {
                       "head_count": ArraySpec(("int64",), ("M",))}, check=_check_feedback),
     HEARTBEAT: Schema({"restart_id": Str(_ID)}),
     ERROR: Schema({"code": Str(_ID), "message": Str(r"(?s).*")}),
-    BYE: Schema({}),
+    BYE: Schema({}, optional={"cursor": Cursor()}),
 }
 
 

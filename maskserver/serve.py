@@ -46,14 +46,14 @@ def make_socket(ctx: zmq.Context, bind: str, curve_dir: str | None, frame_limit:
     try:
         if curve_dir:
             from zmq.auth.thread import ThreadAuthenticator
-            from mimpipe.maskserver.keys import server_keys
+            from mimpipe.maskserver.keys import KeyList, server_keys
             clients = Path(curve_dir) / "clients"
             if not clients.is_dir():
                 raise ValueError(f"--curve {curve_dir}: no clients/ folder of public keys (run `mimpipe keys`)")
             sock.curve_publickey, sock.curve_secretkey = server_keys(curve_dir)
             auth = ThreadAuthenticator(ctx)
             auth.start()
-            auth.configure_curve(domain="*", location=str(clients))
+            auth.configure_curve_callback(domain="*", credentials_provider=KeyList(clients))
             sock.curve_server = True
         try:
             sock.bind(bind)
@@ -76,11 +76,12 @@ def _user(frame: zmq.Frame) -> str | None:
 
 
 def serve(server: MaskServer, sock: zmq.Socket, stop: threading.Event, *, stats_every: float = 10.0,
-          stats_file: str | None = None, curve: bool = False) -> None:
-    """The serve loop: receive, handle, send what is ready; never blocks longer than a poll."""
+          stats_file: str | None = None, curve: bool = False, until_done: bool = False) -> None:
+    """The serve loop: receive, handle, send what is ready; never blocks longer than a poll.
+    until_done: also return once every rank served has finished its plan (MaskServer.done)."""
     poll_ms = max(1, int(min(0.05, server.cfg.heartbeat / 4) * 1000))
     t_stats, sent_before = time.monotonic(), 0
-    while not stop.is_set():
+    while not stop.is_set() and not (until_done and server.done()):
         now = time.monotonic()
         for _ in range(100) if sock.poll(poll_ms) else ():  # bounded burst, then send
             try:
@@ -148,6 +149,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-every", type=positive_float, default=10.0, help="seconds")
     p.add_argument("--curve", default=None, help="key folder from `mimpipe keys`: CURVE auth on")
     p.add_argument("--heartbeat", type=positive_float, default=1.0, help="seconds; 3 silent intervals = dead")
+    p.add_argument("--keep-alive", action="store_true", help="keep serving after every rank finished its plan "
+                   "(default: exit 0 with a summary once each rank that registered said BYE at its last epoch)")
     add_plan_arguments(p)
 
 
@@ -193,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--ranks: ranks {bad} outside world size {args.world_size}")
     cfg = ServerConfig(args.strategy, args.ratio, args.block, ranks, args.max_ahead, args.heartbeat,
-                       args.epochs, args.lut, tuple(parse_option(o) for o in args.option))
+                       args.epochs, args.lut, tuple(parse_option(o) for o in args.option), args.model)
     # LUT's projector travels only when LUT targets are served; otherwise the EMA encoder is all
     args.source = args.source or default_source(args.strategy)
     teacher = Teacher(args.model, args.source, strategy=args.strategy, block=args.block, device=args.device,
@@ -226,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
           flush=True)
     try:
         serve(server, sock, stop, stats_every=args.stats_every, stats_file=args.stats_file,
-              curve=bool(args.curve))
+              curve=bool(args.curve), until_done=not args.keep_alive)
     finally:
         for st in list(server.ranks.values()):
             server.free(st.rank, "server shutting down")
@@ -237,4 +240,9 @@ def main(args: argparse.Namespace) -> int:
             auth.stop()
         ctx.term()
     log.info("mask server %s stopped", server.server_id)
+    if server.done():
+        c = server.counts
+        print(f"mimpipe maskserver: run finished: ranks {sorted(server.finished)} done, {c['batches']} batches, "
+              f"{c['weights_applied']} weight updates, {c['rejected']} messages rejected, {c['worker_failures']} "
+              f"worker failures; exiting", flush=True)
     return 0

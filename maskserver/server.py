@@ -63,6 +63,7 @@ class ServerConfig:
     epochs: int = 100  # progress = epoch / epochs (gpa's soft-to-hard schedule)
     lut: bool = False  # also send LUT targets (momentum teacher, two views)
     options: tuple[tuple[str, object], ...] = ()  # strategy keyword options, e.g. (("head", 1),)
+    model: str | None = None  # the teacher architecture, compared with the trainer's --model at HELLO
 
     def __post_init__(self):
         # queue.Queue(0) is unbounded: --max-ahead 0 would let a worker run a whole epoch ahead
@@ -92,6 +93,7 @@ class RankState:
     worker: threading.Thread | None = None
     failed: str | None = None  # the worker's failure, until a HELLO restarts it
     held: tuple | None = None  # the queue's next item, taken out while it waits for a credit
+    epochs: int | None = None  # the run's length, from HELLO (None: an older client, never "finished")
 
 
 class MaskServer:
@@ -128,6 +130,8 @@ class MaskServer:
                        "hello_refused": 0, "worker_failures": 0}
         self.freed: list[dict] = []
         self.peer_errors: dict[bytes, int] = {}
+        self.served: set[int] = set()  # ranks that registered here
+        self.finished: set[int] = set()  # ranks that said BYE at the end of their plan
 
     # ---- inbound ----
     def handle(self, identity: bytes, frames: list, now: float, user: str | None = None) -> None:
@@ -156,7 +160,7 @@ class MaskServer:
         elif msg.type == P.FEEDBACK:
             self._feedback(identity, st, msg)
         elif msg.type == P.BYE:
-            self.free(st.rank, "bye")
+            self._bye(st, msg.fields)
         elif msg.type in (P.HEARTBEAT, P.ERROR):
             if msg.type == P.ERROR:
                 log.warning("rank %d says: %s: %s", st.rank, msg.fields["code"], msg.fields["message"])
@@ -185,8 +189,13 @@ class MaskServer:
                                f"{f['world_size']}) != mask server's {self.plan_hash} (world size "
                                f"{self.world_size}): check dataset, seed, batch size, views, img size")
         # E_PLAN: a configuration error the trainer cannot fix by retrying (E_STATE means "send HELLO")
-        if rank not in self.cfg.ranks:
-            return self._error(identity, P.E_PLAN, f"rank {rank}: this server serves ranks {list(self.cfg.ranks)}")
+        differs = self._differs(f)
+        if differs:
+            log.warning("rank %d: refused: %s", rank, differs)
+            return self._error(identity, P.E_PLAN, f"rank {rank}: the trainer and this mask server disagree on "
+                               f"what makes the masks: {differs}")
+        if rank not in self.cfg.ranks:  # RANKS: a trainer with other servers listed tries the next one
+            return self._error(identity, P.E_RANKS, f"rank {rank}: this server serves ranks {list(self.cfg.ranks)}")
         epoch, step = f["cursor"]
         if step > self.steps:
             return self._error(identity, P.E_PLAN, f"rank {rank}: plan cursor {f['cursor']} > epoch length "
@@ -213,7 +222,9 @@ class MaskServer:
         self.by_identity.pop(st.identity, None)
         st.identity, st.restart_id, st.cursor, st.last_seen = identity, launch, (epoch, step), now
         st.credits, st.seq, st.reported = f["credits"], 0, (epoch, step)
-        st.start, st.failed = (epoch, step), None
+        st.start, st.failed, st.epochs = (epoch, step), None, f.get("epochs")
+        self.served.add(rank)
+        self.finished.discard(rank)
         st.generation += 1  # after start: the worker reads generation first
         _drain(st.queue)
         st.held = None
@@ -229,6 +240,36 @@ class MaskServer:
             st.worker = threading.Thread(target=self._work, args=(st,), name=f"mimpipe-mask-r{rank}", daemon=True)
             st.worker.start()
             self.workers = [w for w in self.workers if w.is_alive()] + [st.worker]
+
+    def _differs(self, f: dict) -> str:
+        """What in HELLO's run description (protocol.py) would make this server's masks wrong for the
+        trainer, both values named; '' if nothing (an absent field is not compared)."""
+        ours = {"strategy": self.cfg.strategy, "model": self.cfg.model, "source": self.teacher.kind,
+                "ratio": self.cfg.ratio, "lut": self.cfg.lut}
+        if self.cfg.strategy == "gpa":
+            ours["epochs"] = self.cfg.epochs  # GPA's schedule: progress = epoch / epochs
+        flags = {"strategy": "--strategy", "model": "--model", "source": "--source / --teacher-source",
+                 "lut": "--lut / --server-lut", "ratio": "--ratio / --mask-ratio", "epochs": "--epochs"}
+        bad = [f"{k} ({flags[k]}): trainer {f[k]!r}, mask server {v!r}" for k, v in ours.items()
+               if k in f and v is not None and (abs(f[k] - v) > 1e-9 if k == "ratio" else f[k] != v)]
+        sends = {"gpa_target": self.cfg.strategy == "gpa"}  # --mam's target
+        bad += [f"targets: trainer needs {t} (--mam), mask server (--strategy {self.cfg.strategy}) sends "
+                f"none" for t in f.get("targets", ()) if not sends.get(t)]
+        return "; ".join(bad)
+
+    def _bye(self, st: RankState, f: dict) -> None:
+        """BYE: the rank is done here; at or past its plan's end (cursor >= [epochs, 0]) it finished."""
+        epoch, step = f.get("cursor", (0, 0))
+        if step >= self.steps:
+            epoch, step = epoch + 1, 0
+        if st.epochs is not None and "cursor" in f and (epoch, step) >= (st.epochs, 0):
+            self.finished.add(st.rank)
+        self.free(st.rank, "bye" + (" (finished its plan)" if st.rank in self.finished else ""))
+
+    def done(self) -> bool:
+        """Every rank that registered here finished its plan and none is live: the run is over.
+        (Ranks of a DDP job move in lock step, so one cannot finish before another registers.)"""
+        return bool(self.served) and not self.ranks and self.served <= self.finished
 
     def _refuse(self, rank: int, run: str, user: str | None, identity: bytes, now: float) -> str | None:
         """Why a HELLO for `rank` from run `run` may not have it now, or None. The run_id is the proof
@@ -446,6 +487,9 @@ class MaskServer:
                         log.info("teacher now at weights v%d (step %d)", w.version, w.step)
                 except ValueError as e:
                     log.error("weights v%d rejected: %s", w.version, e)
+                    for st in list(self.ranks.values()):  # the uploader must know, not only this log
+                        self.outbox.put((st.identity, P.ProtocolError(P.E_WEIGHTS, f"weights v{w.version} "
+                                                                      f"rejected by the teacher: {e}").frames()))
                 self.pending = None
             version = self.teacher.version
             tstep = self.teacher.step if self.teacher.step is not None else -1

@@ -2,7 +2,10 @@
 
 Run as a script, it is a client process: `python tests/maskserver_helpers.py ENDPOINT SHARDS OUT
 --rank R --world-size W --batch-size B --epochs E [--hold]` writes one JSON line per batch handed
-out (flushed), so a test can read what a killed client got.
+out (flushed), so a test can read what a killed client got, and OUT.stats (the client's stats) at
+the end. --announce sends the run's epochs in HELLO (the server may then exit when it is done);
+--stop-on-term makes SIGTERM stop a waiting get (exit 3, "interrupted" in OUT.stats); --others
+lists servers to fail over to.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def record(mb, epoch, step, ids) -> dict:
 
 def _main() -> None:
     sys.path.insert(0, str(ROOT))
-    from mimpipe.maskserver.client import MaskClient
+    from mimpipe.maskserver.client import MaskClient, MaskWaitInterrupted
     from mimpipe.pipeline.manifest import load_manifest
     from mimpipe.pipeline.plan import Plan, PlanConfig
     ap = argparse.ArgumentParser()
@@ -89,23 +92,37 @@ def _main() -> None:
     ap.add_argument("--start", type=int, default=0, help="first iteration, epoch * steps + step (a restart)")
     ap.add_argument("--heartbeat", type=float, default=0.5)
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch (a trainer step)")
+    ap.add_argument("--announce", action="store_true", help="HELLO carries the run's epochs")
+    ap.add_argument("--stop-on-term", action="store_true")
+    ap.add_argument("--others", default="", help="comma list of servers to fail over to")
     a = ap.parse_args()
+    stop = []
+    if a.stop_on_term:
+        signal.signal(signal.SIGTERM, lambda *_: stop.append(time.monotonic()))
     plan = Plan(load_manifest(a.shards), PlanConfig(seed=0, batch_size=a.batch_size, world_size=a.world_size,
                                                      img_size=64), a.rank)
     client = MaskClient(a.endpoint, rank=a.rank, world_size=a.world_size, plan_hash=plan.hash,
                         num_patches=L, ratio=0.75, seed=0, policy=a.policy, mask_timeout=a.mask_timeout,
                         heartbeat=a.heartbeat, run_id=a.run_id, restart_id=a.restart_id,
-                        cursor=divmod(a.start, plan.steps))
-    with open(a.out, "w") as f:
-        for it in range(a.start, a.epochs * plan.steps):
-            e, s = divmod(it, plan.steps)
-            ids = plan.batch(e, s).sample_ids
-            f.write(json.dumps(record(client.get(e, s, ids), e, s, ids)) + "\n")
-            f.flush()
-            time.sleep(a.sleep)
-    while a.hold:
-        time.sleep(0.1)
+                        cursor=divmod(a.start, plan.steps), run={"epochs": a.epochs} if a.announce else None,
+                        others=tuple(x for x in a.others.split(",") if x))
+    print("ready", flush=True)
+    try:
+        with open(a.out, "w") as f:
+            for it in range(a.start, a.epochs * plan.steps):
+                e, s = divmod(it, plan.steps)
+                ids = plan.batch(e, s).sample_ids
+                f.write(json.dumps(record(client.get(e, s, ids, should_stop=lambda: bool(stop)), e, s, ids)) + "\n")
+                f.flush()
+                time.sleep(a.sleep)
+        while a.hold:
+            time.sleep(0.1)
+    except MaskWaitInterrupted:
+        Path(f"{a.out}.stats").write_text(json.dumps({"interrupted": time.monotonic() - stop[0]}))
+        client.close()
+        sys.exit(3)
     client.close()
+    Path(f"{a.out}.stats").write_text(json.dumps(client.stats))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def valid(mtype: str) -> tuple[dict, dict]:
     data = rng.integers(0, 256, 100, dtype=np.uint8)
     return {
         HELLO: ({"rank": 1, "world_size": 4, "plan_hash": HEX, "cursor": [2, 17], "restart_id": "trainer-1.a9f3",
-                 "credits": 4, "run_id": "run-7f3a"}, {}),
+                 "credits": 4, "run_id": "run-7f3a", "strategy": "gpa", "model": "mae_vit_base_patch16",
+                 "source": "momentum", "ratio": 0.75, "lut": False, "targets": ["gpa_target"], "epochs": 800}, {}),
         WELCOME: ({"server_id": "srv-77", "plan_hash": HEX, "teacher_version": 3, "strategy": "gpa",
                    "num_patches": L, "cursor": [2, 17]}, {}),
         CREDIT: ({"rank": 1, "n": 2}, {}),
@@ -56,7 +57,7 @@ def valid(mtype: str) -> tuple[dict, dict]:
                                                          "head_count": rng.integers(0, 9, M)}),
         HEARTBEAT: ({"restart_id": "srv-77"}, {}),
         ERROR: ({"code": "PLAN", "message": "plan_hash mismatch: é"}, {}),
-        BYE: ({}, {}),
+        BYE: ({"cursor": [800, 0]}, {}),
     }[mtype]
 
 
@@ -154,7 +155,12 @@ def mask_of(h: dict, f: list) -> np.ndarray:
 
 
 CASES = [  # (id, type, edit(header, array frames), code, words the message must contain)
-    ("version", HELLO, lambda h, f: h.update(v=1), "VERSION", ["version 1", "speaks 2"]),
+    ("version", HELLO, lambda h, f: h.update(v=1), "VERSION", ["version 1", f"speaks {PROTOCOL_VERSION}"]),
+    ("hello-ratio-int", HELLO, lambda h, f: h.update(ratio=1), "FIELD", ["'ratio'", "float"]),
+    ("hello-lut-int", HELLO, lambda h, f: h.update(lut=1), "FIELD", ["'lut'", "true or false"]),
+    ("hello-targets", HELLO, lambda h, f: h.update(targets=["gpa target"]), "FIELD", ["'targets'"]),
+    ("hello-source", HELLO, lambda h, f: h.update(source="frozen:/x"), "FIELD", ["'source'"]),
+    ("bye-cursor", BYE, lambda h, f: h.update(cursor=[1]), "FIELD", ["'cursor'"]),
     ("no-version", HELLO, lambda h, f: h.pop("v"), "VERSION", ["None"]),
     ("bool-version", HELLO, lambda h, f: h.update(v=True), "VERSION", ["True"]),
     ("unknown-type", HELLO, lambda h, f: h.update(type="nope"), "TYPE", ["'nope'", "hello"]),
