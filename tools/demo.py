@@ -67,6 +67,7 @@ def summarize(args, rows: list[dict], wall: float, server_rc) -> dict:
         "fallbacks": sum(r["fallback"] for r in rows), "loss_start": rows[0]["loss"],
         "loss_end": sum(r["loss"] for r in rows[-10:]) / len(rows[-10:]),
         "knn": trained["knn"], "knn_random_init": fresh["knn"], "server_exit": server_rc, "out": str(args.out),
+        "recall": [r["mask_recall"] for r in rows if r.get("mask_recall") is not None],
     }
 
 
@@ -91,6 +92,8 @@ def table(r: dict) -> str:
         f"{r['fallbacks']} fallback batches",
         f"  loss                     {r['loss_start']:.3f} -> {r['loss_end']:.3f} (mean of the last 10)",
         f"  k-NN accuracy            {r['knn']:.3f} (randomly initialized encoder: {r['knn_random_init']:.3f})",
+        f"  object recall of masks   first epoch {r['recall'][0]:.3f}, last {r['recall'][-1]:.3f} (random: 0.75)"
+        if r["recall"] else "  object recall of masks   not measured",
         f"  mask server exit code    {r['server_exit']}",
         f"  wrote {r['out']}/: metrics.jsonl, loss.png, masks.png, maskserver.log, maskserver.json"])
 

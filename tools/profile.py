@@ -137,10 +137,12 @@ def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics, log = out / "metrics.jsonl", out / "train.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cli("train", "--shards", args.shards, "--out", out, "--overwrite", "--model", args.model,
+        proc = subprocess.Popen(cli("train", "--shards", args.shards, "--out", out, "--overwrite",
+                                    "--model", args.model,
                                     "--masks", masks, "--strategy", strategy, "--max-steps", args.steps,
                                     "--epochs", 100, "--batch-size", args.batch_size, "--threads", 1,
-                                    "--mask-policy", "wait", "--sync-every", args.sync_every),
+                                    "--mask-policy", "wait", "--sync-every", args.sync_every,
+                                    "--no-mask-quality"),   # its foreground reads are not the pipeline
                                 stdout=f, stderr=subprocess.STDOUT, **pinned(0))
         start = end = None
         while proc.poll() is None:

@@ -27,16 +27,18 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from mimpipe.pipeline.decode import HW_DECODER_LOAD
 from mimpipe.pipeline.loader import Loader
 from mimpipe.pipeline.manifest import load_manifest
 from mimpipe.pipeline.plan import add_plan_arguments, batch_generator, plan_config_from_args
-from mimpipe.tools.argtypes import float_range, nonneg_float, nonneg_int, positive_float, positive_int
+from mimpipe.tools.argtypes import float_range, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
 from mimpipe.tools.config import write_config
 from mimpipe.maskserver.strategies import plb_update
 from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
+from mimpipe.train.mask_quality import MaskQuality, foreground
 from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, plot_curves
 from mimpipe.train.model import MODELS, MaskedAutoencoderViT, load_encoder_weights, model_config, read_checkpoint
 from mimpipe.train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
@@ -71,6 +73,8 @@ class TrainConfig:
     init: str | None = None          # warm start: weights only (see warm_start)
     device: str = "auto"             # auto | cuda | cpu (train/device.py)
     decoder: str = "dali"
+    dali_prefetch: int = 2           # batches DALI's pipelined executor works ahead
+    hw_decoder_load: float = HW_DECODER_LOAD   # JPEGs for the GPU's hardware decoder (A100/H100)
     threads: int = 2
     ckpt_every: int = 0              # iterations; 0 = only at the end (and on SIGTERM)
     keep_last: int = 1               # checkpoint.pt and the keep_last - 1 before it (checkpoint-it*.pt)
@@ -78,6 +82,7 @@ class TrainConfig:
     log_every: int = 1               # metrics.jsonl rows (and the loss's host sync) every N iterations
     print_every: int = 20            # a progress line every N iterations when stderr is no terminal
     tensorboard: bool = False        # also RUN/tb (rank 0)
+    mask_quality: bool = True        # per-epoch mask statistics (train/mask_quality.py)
     wandb: str | None = None         # Weights & Biases project (rank 0); WANDB_MODE=offline works
     # the plan (pipeline/plan.py add_plan_arguments): must match the mask server's
     img_size: int | None = None
@@ -161,6 +166,7 @@ class Run:
         self.manifest = load_manifest(cfg.shards)
         self.plan_cfg = plan_config_from_args(SimpleNamespace(**asdict(cfg), world_size=world), mc.img_size)
         self.loader = Loader(self.manifest, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads,
+                             dali_prefetch=cfg.dali_prefetch, hw_decoder_load=cfg.hw_decoder_load,
                              device="gpu" if self.device.type == "cuda" else "cpu", device_id=self.device.index)
         if (cfg.lut or cfg.contrastive) and len(self.plan_cfg.views) < 2:
             raise ValueError(f"--lut/--contrastive need two views per image, e.g. --views src,src+color "
@@ -339,6 +345,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                          config=asdict(cfg))
     progress = Progress(total, run.it, cfg.batch_size * world, enabled=rank == 0)
     acc = LossAccumulator()
+    quality = MaskQuality(plan.n, run.mc.num_patches) if cfg.mask_quality else None
+    has_fg = cfg.mask_quality   # until a batch without foreground says otherwise
+    epoch_stats = {}
     while run.it < total and not stopped:
         epoch, steps = run.epoch, plan.steps_in(run.epoch)
         batches = run.loader.epoch(epoch, run.step)
@@ -349,6 +358,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(progress_epochs, run.sched)
             masks = run.masks.get(batch)
+            if quality is not None:
+                fg = foreground(run.loader.reader, plan, batch, run.mc.img_size, run.mc.patch_size) \
+                    if has_fg else None
+                has_fg = fg is not None
+                # host sync only for an in-loop teacher's GPU mask (--no-mask-quality avoids it)
+                quality.add(masks.mask.cpu().numpy(), batch.sample_ids.numpy(), batch.valid.numpy(), fg)
             t0 = time.perf_counter()
             boundary = (run.it + 1) % cfg.accum == 0
             # accumulation micro-steps keep their gradients local: one all-reduce per optimizer step
@@ -368,19 +383,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             epoch_end = run.step == steps
             if epoch_end:
                 plb_epoch_end(run)   # before any checkpoint at this iteration: it holds the new p
+                epoch_stats = quality.epoch_end() if quality is not None else {}
                 run.epoch, run.step = epoch + 1, 0
             if run.it % cfg.sync_every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
             save = boundary and ((cfg.ckpt_every and run.it % cfg.ckpt_every == 0) or (
                 epoch_end and cfg.save_every_epochs and run.epoch % cfg.save_every_epochs == 0))
             stopped = boundary and stop.agreed()
-            if run.it % cfg.log_every == 0 or run.it == total or save or stopped:
+            if run.it % cfg.log_every == 0 or run.it == total or save or stopped or epoch_stats:
                 row = acc.pop(f"rank {rank}, epoch {epoch}, step {batch.step}")   # sync point: the losses
                 metrics.write({
                     "it": run.it, "epoch": epoch, "step": batch.step, **row,
                     "lr": run.opt.param_groups[0]["lr"], "teacher_version": masks.teacher_version,
                     "staleness": None if masks.teacher_step is None else run.it - 1 - masks.teacher_step,
-                    "fallback": masks.fallback})
+                    "fallback": masks.fallback, **epoch_stats})
+                epoch_stats = {}
                 progress.update(run.it, epoch, row, run.opt.param_groups[0]["lr"], print_every=cfg.print_every)
             if save or stopped:
                 run.save()
@@ -551,7 +568,11 @@ def add_arguments(p) -> None:
     g.add_argument("--device", default=d.device, choices=DEVICES, help="auto: this rank's GPU (LOCAL_RANK) "
                    "where CUDA works; an unusable GPU that is meant is an error, pass cpu to mean the CPU")
     g.add_argument("--decoder", default=d.decoder, choices=["dali", "pil"])
-    g.add_argument("--threads", type=positive_int, default=d.threads, help="decoder threads per rank")
+    g.add_argument("--threads", type=positive_int, default=d.threads, help="decoder threads per rank (per GPU)")
+    g.add_argument("--dali-prefetch", type=positive_int, default=d.dali_prefetch,
+                   help="batches DALI's pipelined executor decodes ahead")
+    g.add_argument("--hw-decoder-load", type=unit_float, default=d.hw_decoder_load,
+                   help="share of JPEG decoding on the GPU's nvJPEG hardware engine (where it has one)")
     g.add_argument("--ckpt-every", type=nonneg_int, default=d.ckpt_every,
                    help="iterations between checkpoints; 0 = at the end (and on SIGTERM) only")
     g.add_argument("--keep-last", type=positive_int, default=d.keep_last,
@@ -562,6 +583,9 @@ def add_arguments(p) -> None:
                    help="iterations per metrics.jsonl row; each row is one host sync (GPU: use 20)")
     g.add_argument("--print-every", type=positive_int, default=d.print_every,
                    help="iterations between progress lines when stderr is not a terminal (SLURM, nohup)")
+    g.add_argument("--mask-quality", action=argparse.BooleanOptionalAction, default=d.mask_quality,
+                   help="per-epoch mask recall (where the data has foreground), entropy, overlap with the "
+                   "previous epoch and the ratio histogram, on the epoch's last metrics row")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=d.tensorboard,
                    help="also write rank 0's metrics to OUT/tb")
     g.add_argument("--wandb", metavar="PROJECT", default=None,
