@@ -38,6 +38,7 @@ from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
+from mimpipe.maskserver.teacher import default_source
 from mimpipe.train.mask_quality import MaskQuality, foreground
 from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, plot_curves
 from mimpipe.train.model import MODELS, MaskedAutoencoderViT, load_encoder_weights, model_config, read_checkpoint
@@ -68,7 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 0.0
     ema_m0: float = 0.996
-    sync_every: int = 1
+    sync_every: int | None = None   # default by teacher source: SYNC_EVERY
     seed: int = 0
     init: str | None = None          # warm start: weights only (see warm_start)
     device: str = "auto"             # auto | cuda | cpu (train/device.py)
@@ -123,6 +124,21 @@ def setup_distributed(device: str = "auto") -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+# --sync-every's default by teacher source. online: the teacher is the student (SBAM reads its
+# embedding), so every step; momentum: the EMA moves (1 - m) of its gap to the student a step (0.4%
+# at m 0.996), 10 steps ~4%, while each upload is a ViT-B snapshot (172 MB bf16); frozen: never
+SYNC_EVERY = {"online": 1, "momentum": 10, "frozen": 0}
+
+
+def sync_every(cfg: TrainConfig) -> tuple[str, int]:
+    """(teacher source kind, iterations between weight uploads; 0 = never) for this run's masks."""
+    if cfg.masks == "random":
+        return "none", 0
+    strategy = cfg.masks.split(":", 1)[1] if cfg.masks.startswith("inloop:") else cfg.strategy
+    kind = (cfg.teacher_source or default_source(strategy)).split(":", 1)[0]
+    return kind, 0 if kind == "frozen" else cfg.sync_every or SYNC_EVERY.get(kind, 1)
 
 
 def server_of(rank: int, servers: int, world: int) -> int:
@@ -333,6 +349,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         write_config(out / RUN_CONFIG, asdict(cfg))
         (out / "STOPPED").unlink(missing_ok=True)
     run.start_masks()
+    kind, every = sync_every(cfg)
+    if rank == 0 and every:
+        log.info("teacher weights (%s) every %d iteration(s)%s: masks use weights up to %d step(s) old%s", kind, every,
+                 "" if cfg.sync_every else " (its default)", every - 1,
+                 f", + the {cfg.credits} credits and the server's --max-ahead batches made ahead"
+                 if isinstance(run.masks, ServerMasks) else "")
     # iterations left to the planned end; --max-steps stops earlier, the schedules still follow --epochs
     left = sum(plan.steps_in(e) for e in range(run.epoch, cfg.epochs)) - run.step
     total = run.it + left if cfg.max_steps is None else min(run.it + left, cfg.max_steps)
@@ -385,7 +407,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 plb_epoch_end(run)   # before any checkpoint at this iteration: it holds the new p
                 epoch_stats = quality.epoch_end() if quality is not None else {}
                 run.epoch, run.step = epoch + 1, 0
-            if run.it % cfg.sync_every == 0:
+            if every and run.it % every == 0:
                 run.masks.sync(run.it, run.model, run.ema)
             save = boundary and ((cfg.ckpt_every and run.it % cfg.ckpt_every == 0) or (
                 epoch_end and cfg.save_every_epochs and run.epoch % cfg.save_every_epochs == 0))
@@ -618,7 +640,8 @@ def add_arguments(p) -> None:
     g.add_argument("--teacher-source", default=None, help="online | momentum | frozen:PATH "
                    "(default: the strategy's paper choice)")
     g.add_argument("--sync-every", type=positive_int, default=d.sync_every,
-                   help="iterations between weight uploads to the mask teacher")
+                   help="iterations between weight uploads to the mask teacher (default: 1 online, 10 momentum; "
+                   "frozen: never)")
     g.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
     g.add_argument("--credits", type=positive_int, default=d.credits, help="batches the server may send ahead")
     g.add_argument("--mask-timeout", type=positive_float, default=d.mask_timeout,
