@@ -117,6 +117,7 @@ class ServerMasks:
         self.kind = (source or default_source(strategy)).split(":", 1)[0]
         self.prefixes = Teacher.state_for(strategy, model) if self.kind == "online" else ("",)
         from mimpipe.maskserver.client import MaskClient   # pyzmq is needed only where a server is
+        from mimpipe.maskserver.snapshot import SnapshotPool
         from mimpipe.maskserver.keys import client_curve
         self.client = MaskClient(endpoint, rank=rank, world_size=world_size, plan_hash=plan_hash,
                                  cursor=cursor, credits=credits, mask_timeout=mask_timeout,
@@ -131,6 +132,7 @@ class ServerMasks:
         self.should_stop = should_stop
         self.rank, self.needs_weights = rank, strategy != "random" and self.kind != "frozen"
         self.skip = () if projector else ("projector.",)
+        self.snapshots = SnapshotPool(torch.bfloat16)  # the server casts to its teacher's dtype
 
     def get(self, batch) -> Masks:
         t0 = time.perf_counter()
@@ -138,14 +140,21 @@ class ServerMasks:
         return Masks(mb.mask, mb.targets, mb.teacher_version,
                      None if mb.teacher_step < 0 else mb.teacher_step, time.perf_counter() - t0, mb.fallback)
 
-    def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
-        """Rank 0 uploads; the server shares one teacher between the ranks it serves."""
+    def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module):
+        """Rank 0 uploads; the server shares one teacher between the ranks it serves. This thread
+        only takes the snapshot (maskserver/snapshot.py: a fill on the weights' device, bf16, and
+        an asynchronous copy to the host); the client's I/O thread hashes and sends it. Returns the
+        snapshot, or None: not rank 0, no weights needed, or both buffers still on the wire (the
+        sync is skipped, counted in snapshots.skipped; the per-step staleness shows it)."""
         if self.rank != 0 or not self.needs_weights:
-            return
+            return None
         src = (student if self.kind == "online" else ema).state_dict()
-        self.client.send_weights({k: v for k, v in src.items()
-                                  if k.startswith(self.prefixes) and not k.startswith(self.skip)},
-                                 version=step, step=step)
+        snap = self.snapshots.take({k: v for k, v in src.items()
+                                    if k.startswith(self.prefixes) and not k.startswith(self.skip)},
+                                   version=step, step=step)
+        if snap is not None:
+            self.client.send_snapshot(snap)
+        return snap
 
     def close(self) -> None:
         self.client.close()
