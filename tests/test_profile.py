@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from mimpipe.tools import profile
 
 
@@ -27,6 +29,7 @@ def test_profile_reports_every_stage(sample_ds, tmp_path):
     for threads in (s["trainer_threads"], saved["random"]["threads"]):   # shares of the trainer's core
         assert "main" in threads and abs(sum(threads.values()) - 1) < 1e-9
     assert min(saved["loader"].values()) > 0 and saved["teacher_img_s"]["sbam"] > 0
+    assert not list(tmp_path.rglob("checkpoint*.pt"))   # profile keeps only its timings
     assert (tmp_path / "profile.png").stat().st_size > 10_000
     assert "overlap" in profile.table(saved)
 
@@ -42,3 +45,13 @@ def test_bench_without_a_stage_runs_every_stage(monkeypatch, capsys):
     assert cli.main(["bench"]) == 0
     assert ran == list(bench.STAGES)
     assert capsys.readouterr().out.splitlines() == [f"table {s}" for s in bench.STAGES]
+
+
+def test_placement_of_trainer_and_server():
+    from mimpipe.tools.procs import placement
+    assert placement("cpu") == {"train": ["--device", "cpu"], "train_core": 0, "server": ["--device", "cpu"],
+                                "server_core": 1}
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: torch sees no GPU"):
+            placement("cuda")

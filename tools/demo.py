@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from mimpipe.tools import sample
-from mimpipe.tools.procs import cli, pinned, start_server, stop
+from mimpipe.tools.procs import cli, pinned, placement, start_server, stop
 
 
 def add_arguments(p) -> None:
@@ -26,6 +26,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--blr", type=float, default=4e-3, help="lr = blr * batch / 256: 1e-3 at batch 64")
     p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: trainer and server on their own core; cuda: trainer on GPU 0, server on the last GPU")
 
 
 def run(args) -> dict:
@@ -34,15 +36,17 @@ def run(args) -> dict:
     sample.ensure(args.shards)
     endpoint = f"tcp://127.0.0.1:{args.port}"
     plan = ["--batch-size", args.batch_size, "--seed", 0]
+    where = placement(args.device)
     server = start_server(["--shards", args.shards, "--strategy", args.strategy, "--model", args.model,
                            "--bind", endpoint, "--threads", 1, "--stats-file", out / "maskserver.json",
-                           *plan], out / "maskserver.log", core=1)
+                           *plan, *where["server"]], out / "maskserver.log", core=where["server_core"])
     try:
         t0 = time.perf_counter()
         subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--overwrite", "--model", args.model,
                            "--masks", endpoint, "--strategy", args.strategy, "--epochs", args.epochs,
                            "--blr", args.blr, "--warmup-epochs", 1, "--threads", 1,
-                           "--mask-policy", "random", *plan), check=True, **pinned(0))
+                           "--mask-policy", "random", *plan, *where["train"]), check=True,
+                       **pinned(where["train_core"]))
         wall = time.perf_counter() - t0
     finally:
         server_rc = stop(server)   # clean stop: BYE to the trainer, stats written

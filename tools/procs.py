@@ -22,6 +22,22 @@ def pinned(core: int | None) -> dict:
                 env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
 
 
+def placement(device: str) -> dict:
+    """Where demo and profile run their trainer and mask server. cpu: core 0 and core 1, one
+    thread each (separate cores stand for separate GPUs); cuda: GPU 0 for the trainer, the last GPU
+    for the server (the same one on a one-GPU machine), no core pinning."""
+    if device == "cpu":
+        return {"train": ["--device", "cpu"], "train_core": 0, "server": ["--device", "cpu"], "server_core": 1}
+    if device != "cuda":
+        raise ValueError(f"--device {device!r}: choose cpu or cuda")
+    import torch
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no GPU here (mimpipe doctor says why)")
+    last = torch.cuda.device_count() - 1
+    return {"train": ["--device", "cuda"], "train_core": None, "server": ["--device", f"cuda:{last}"],
+            "server_core": None}
+
+
 def start_server(args: list, log: Path, core: int | None = None, timeout: float = 120.0,
                  cwd: Path | None = None) -> subprocess.Popen:
     """`mimpipe maskserver ARGS` (on `core`); returns once its log says it is ready, else kills it

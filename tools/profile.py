@@ -27,7 +27,7 @@ import torch
 
 from mimpipe.tools import sample
 from mimpipe.tools.bench_loader import loader_img_s
-from mimpipe.tools.procs import cli, pinned, start_server, stop
+from mimpipe.tools.procs import cli, pinned, placement, start_server, stop
 
 log = logging.getLogger("mimpipe.profile")
 
@@ -43,6 +43,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds of (random, served, in-loop) per strategy; ratios are medians over rounds")
     p.add_argument("--port", type=int, default=5566)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu: trainer and server on their own core; cuda: trainer on GPU 0, server on the last GPU")
     p.add_argument("--sync-every", type=int, default=10,
                    help="trainer -> teacher weight sync interval (a momentum teacher's whole encoder "
                         "is copied and hashed at every sync)")
@@ -92,19 +94,24 @@ class on_core:
         torch.set_num_threads(self.threads)
 
 
-def teacher_img_s(model: str, strategy: str, images, batches: int = 10) -> float:
-    """Teacher + strategy on a fresh encoder (timing does not depend on the weights)."""
+def teacher_img_s(model: str, strategy: str, images, batches: int = 10, device: str = "cpu") -> float:
+    """Teacher + strategy on a fresh encoder (timing does not depend on the weights), on `device`;
+    a GPU is synchronized around the timed batches."""
     from mimpipe.maskserver.teacher import Teacher, default_source
-    from mimpipe.train.masks import batch_generator
+    from mimpipe.pipeline.plan import batch_generator
     from mimpipe.train.model import create_model
     source = default_source(strategy)
-    t = Teacher(model, source, strategy=strategy, projector_hidden=None)
+    t = Teacher(model, source, strategy=strategy, projector_hidden=None, device=device)
     full = create_model(model, encoder_only=True).state_dict()
     t.load_state({k: full[k] for k in t.held}, version=0, step=0)
-    t.compute(images, strategy, ratio=0.75, generator=batch_generator(0, 0, 0, 0))
+    images = images.to(device)
+    sync = torch.cuda.synchronize if t.device.type == "cuda" else (lambda: None)
+    t.compute(images, strategy, ratio=0.75, generator=batch_generator(0, 0, 0, 0, t.device))
+    sync()
     t0 = time.perf_counter()
     for s in range(batches):
-        t.compute(images, strategy, ratio=0.75, generator=batch_generator(0, 0, s, 0))
+        t.compute(images, strategy, ratio=0.75, generator=batch_generator(0, 0, s, 0, t.device))
+    sync()
     return batches * len(images) / (time.perf_counter() - t0)
 
 
@@ -142,8 +149,9 @@ def train_run(args, out: Path, masks: str, strategy: str = "sbam") -> dict:
                                     "--masks", masks, "--strategy", strategy, "--max-steps", args.steps,
                                     "--epochs", 100, "--batch-size", args.batch_size, "--threads", 1,
                                     "--mask-policy", "wait", "--sync-every", args.sync_every,
-                                    "--no-mask-quality"),   # its foreground reads are not the pipeline
-                                stdout=f, stderr=subprocess.STDOUT, **pinned(0))
+                                    "--no-mask-quality",   # its foreground reads are not the pipeline
+                                    *placement(args.device)["train"]),
+                                stdout=f, stderr=subprocess.STDOUT, **pinned(placement(args.device)["train_core"]))
         start = end = None
         while proc.poll() is None:
             # the window: from the end of warm-up to the last step; not the teardown, whose
@@ -177,7 +185,8 @@ def served_run(args, out: Path, strategy: str) -> dict:
     stats.unlink(missing_ok=True)
     server = start_server(["--shards", args.shards, "--strategy", strategy, "--model", args.model,
                            "--bind", endpoint, "--threads", 1, "--batch-size", args.batch_size,
-                           "--stats-file", stats, "--stats-every", 0.5], out / "maskserver.log", core=1)
+                           "--stats-file", stats, "--stats-every", 0.5, *placement(args.device)["server"]],
+                          out / "maskserver.log", core=placement(args.device)["server_core"])
     try:
         r = train_run(args, out, endpoint, strategy)
     finally:
@@ -195,12 +204,14 @@ def run(args) -> dict:
     plan_cfg = PlanConfig(seed=0, batch_size=args.batch_size, img_size=mc.img_size)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     images = torch.randn(args.batch_size, 3, mc.img_size, mc.img_size)
-    res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats}
+    res = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
+           "device": args.device}
     log.info("loader and teacher alone, then %d round(s) of %d trainer runs", args.repeats, 3 * len(strategies))
     with on_core(0):
         res["loader"] = {f"{d}_img_s": loader_img_s(m, plan_cfg, d, threads=1, batches=20) for d in ("dali", "pil")}
     with on_core(1):
-        res["teacher_img_s"] = {s: teacher_img_s(args.model, s, images) for s in strategies}
+        teacher_device = placement(args.device)["server"][1]
+        res["teacher_img_s"] = {s: teacher_img_s(args.model, s, images, device=teacher_device) for s in strategies}
     # each served and in-loop run is paired with a random-mask run just before it, and each ratio is
     # taken within its pair: this machine drifts by +-10% over minutes, more than the effects measured
     runs = {s: [] for s in strategies}
@@ -271,7 +282,8 @@ def plot(res: dict, path: Path) -> None:
 
 def table(r: dict) -> str:
     rows = [f"profile: {r['model']}, batch {r['batch_size']}, {r['steps']} steps per run, {r['repeats']} round(s); "
-            f"trainer on core 0, server on core 1, one thread each",
+            + ("trainer on core 0, server on core 1, one thread each" if r.get("device", "cpu") == "cpu"
+               else "trainer on GPU 0, server on the last GPU"),
             f"  loader alone           DALI {r['loader']['dali_img_s']:8.0f} img/s   PIL {r['loader']['pil_img_s']:8.0f} img/s",
             f"  trainer, random masks  {r['random']['img_s']:8.1f} img/s (data wait {100 * r['random']['data_wait_share']:.1f}%)",
             f"  {'strategy':<9}{'teacher':>10}{'served':>9}{'in-loop':>9}{'overlap':>9}{'speedup':>9}"

@@ -106,6 +106,42 @@ class LossAccumulator:
         return row
 
 
+class StepTimer:
+    """The compute time of each step: perf_counter on the CPU; on a GPU a pair of CUDA events
+    around the step, read when the metrics row is written (a sync point already), so timing adds
+    no host sync to the step and measures the kernels, not their launch."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.pending: list = []
+        self.t0 = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self.t0 = torch.cuda.Event(enable_timing=True)
+            self.t0.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        """-> seconds on the CPU; on a GPU 0.0 now, the time comes with `pop`."""
+        if not self.cuda:
+            return time.perf_counter() - self.t0
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((self.t0, end))
+        return 0.0
+
+    def pop(self) -> float:
+        """Seconds of the GPU steps stopped since the last pop."""
+        if not self.pending:
+            return 0.0
+        self.pending[-1][1].synchronize()   # host sync: at the metrics row, where the losses sync too
+        total = sum(a.elapsed_time(b) for a, b in self.pending) / 1e3
+        self.pending = []
+        return total
+
+
 class Progress:
     """A tqdm bar on a terminal; elsewhere (SLURM, nohup) a log line every `print_every` iterations
     with it/s, img/s, loss, lr, the mask and data wait shares and the ETA."""

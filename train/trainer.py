@@ -40,7 +40,7 @@ from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
 from mimpipe.maskserver.teacher import default_source
 from mimpipe.train.mask_quality import MaskQuality, foreground
-from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, plot_curves
+from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, StepTimer, plot_curves
 from mimpipe.train.model import MODELS, MaskedAutoencoderViT, load_encoder_weights, model_config, read_checkpoint
 from mimpipe.train.objective import TERMS, Student, attach_heads, ema_targets, second_view_mask
 from mimpipe.train.optim import Schedule, ema_momentum, ema_update, lr_at, param_groups
@@ -367,6 +367,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                          config=asdict(cfg))
     progress = Progress(total, run.it, cfg.batch_size * world, enabled=rank == 0)
     acc = LossAccumulator()
+    timer = StepTimer(run.device)
     quality = MaskQuality(plan.n, run.mc.num_patches) if cfg.mask_quality else None
     has_fg = cfg.mask_quality   # until a batch without foreground says otherwise
     epoch_stats = {}
@@ -386,7 +387,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 has_fg = fg is not None
                 # host sync only for an in-loop teacher's GPU mask (--no-mask-quality avoids it)
                 quality.add(masks.mask.cpu().numpy(), batch.sample_ids.numpy(), batch.valid.numpy(), fg)
-            t0 = time.perf_counter()
+            timer.start()
             boundary = (run.it + 1) % cfg.accum == 0
             # accumulation micro-steps keep their gradients local: one all-reduce per optimizer step
             with run.ddp.no_sync() if world > 1 and not boundary else contextlib.nullcontext():
@@ -400,7 +401,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                 ema_update(run.ema, run.model, ema_momentum(progress_epochs, cfg.epochs, cfg.ema_m0))
             run.it += 1
             run.step += 1
-            acc.add(loss, parts, data_wait=data_wait, mask_wait=masks.wait_s, compute=time.perf_counter() - t0,
+            acc.add(loss, parts, data_wait=data_wait, mask_wait=masks.wait_s, compute=timer.stop(),
                     images=len(batch.sample_ids), valid=int(batch.valid.sum()))
             epoch_end = run.step == steps
             if epoch_end:
@@ -414,6 +415,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             stopped = boundary and stop.agreed()
             if run.it % cfg.log_every == 0 or run.it == total or save or stopped or epoch_stats:
                 row = acc.pop(f"rank {rank}, epoch {epoch}, step {batch.step}")   # sync point: the losses
+                row["compute"] += timer.pop()
                 metrics.write({
                     "it": run.it, "epoch": epoch, "step": batch.step, **row,
                     "lr": run.opt.param_groups[0]["lr"], "teacher_version": masks.teacher_version,
