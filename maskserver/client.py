@@ -327,7 +327,8 @@ class MaskClient:
                         with self._cv:
                             cursor = list(self._cursor)
                         self._send(sock, P.encode(P.BYE, {"cursor": cursor}))
-                        link.close(linger=int(1000 * self.heartbeat))  # the BYE tells the server we finished
+                        # the BYE tells the server whether we finished; no wait for a server not there
+                        link.close(linger=int(1000 * self.heartbeat) if self._welcomed and not self._down else 0)
                         sock = None
                         return
                     if cmd[0] == "credit":
