@@ -42,18 +42,18 @@ def sha256_hex(buf: np.ndarray) -> str:
 
 
 class Snapshot:
-    """One snapshot: its wire table, its host bytes and the event after which they may be read.
-    sha256 stays None until the I/O thread hashes it (`chunks`)."""
+    """One snapshot: its wire table, its host bytes and `event`, the CUDA event after which they may
+    be read (None on the CPU). sha256 stays None until the I/O thread hashes it (`chunks`)."""
 
     def __init__(self, pool: "SnapshotPool", slot: "_Slot", version: int, step: int, event):
         self.version, self.step, self.table = version, step, pool.table
         self.payload_bytes = pool.total
         self.sha256: str | None = None
-        self._pool, self._slot, self._event = pool, slot, event
+        self._pool, self._slot, self.event = pool, slot, event
 
     def ready(self) -> bool:
         """The device-to-host copy has finished (always, on the CPU); never waits."""
-        return self._event is None or self._event.query()
+        return self.event is None or self.event.query()
 
     def claim(self) -> bool:
         """For the I/O thread: take it for sending; False if a newer snapshot took its buffer."""

@@ -13,6 +13,7 @@ STAGES = {
     "transport": "mimpipe.tools.bench_transport",
     "knn": "mimpipe.tools.bench_knn",
     "remote": "mimpipe.tools.bench_remote",
+    "sync": "mimpipe.tools.bench_sync",
 }
 
 
