@@ -243,3 +243,19 @@ def test_a_rank_moves_to_another_server_and_loses_no_batch(sample_ds, tmp_path):
         kill(proc)
         for s in servers:
             kill(s)
+
+
+def test_a_server_that_does_not_serve_the_rank_sends_it_to_the_next_listed_one(sample_ds, tmp_path):
+    a, b = (f"ipc://{tmp_path}/{n}" for n in "ab")
+    servers = [start_server(sample_ds, e, tmp_path / f"s{n}.log", world_size=2, batch_size=4,
+                            extra=["--heartbeat", "0.5", "--ranks", r]) for n, e, r in (("a", a, "1"), ("b", b, "0-1"))]
+    out = tmp_path / "r0.jsonl"
+    try:
+        c = start_client(a, sample_ds, out, rank=0, world_size=2, batch_size=4, extra=["--others", b])
+        assert c.wait(120) == 0, Path(f"{out}.log").read_text()[-2000:]
+        got = read_lines(out)
+        assert [r["step"] for r in got] == list(range(15)) and not any(r["fallback"] for r in got)
+        assert f"moving to {b}" in Path(f"{out}.log").read_text()
+    finally:
+        for s in servers:
+            kill(s)
