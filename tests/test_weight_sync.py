@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 import zmq
@@ -226,7 +225,8 @@ def test_the_socket_loop_answers_credits_while_an_upload_is_assembled(sample_ds,
     manifest = load_manifest(sample_ds)
     teacher = Teacher(MODEL, "momentum", projector_hidden=None)
     srv = MaskServer(ServerConfig("idm", ranks=(0, 1), max_ahead=2, heartbeat=0.5), teacher,
-                     lambda r: Loader(manifest, plan.cfg, r, decoder="pil", threads=1, device="cpu"), plan.hash, plan.steps, 0, WORLD)
+                     lambda r: Loader(manifest, plan.cfg, r, decoder="pil", threads=1, device="cpu"),
+                     plan.hash, plan.steps, 0, WORLD)
     ctx, stop = zmq.Context(), threading.Event()
     sock, _ = make_socket(ctx, f"ipc://{tmp_path}/s.sock", None, srv.frame_limit)
     loop = threading.Thread(target=serve, args=(srv, sock, stop), daemon=True)

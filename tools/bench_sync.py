@@ -29,6 +29,9 @@ import torch
 from mimpipe.maskserver.weights import weight_chunks
 
 PLAN_HASH, STEPS = "ab" * 16, 1 << 40  # one bench rank; its position never bounds an upload's version
+# a baseline turn once blocked > 3 s (3 heartbeats at the default 1 s) on this loaded machine: the
+# server then freed the uploading rank mid-upload and the upload never completed. Both paths use 10 s.
+HEARTBEAT = 10.0
 
 
 def add_arguments(p) -> None:
@@ -36,7 +39,7 @@ def add_arguments(p) -> None:
     p.add_argument("--syncs", type=int, default=3, help="timed syncs per path, after one warm-up (default 3)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the trainer's weights live (auto: cuda if available)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds one upload may take (default 300)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds one upload may take (default 120)")
     p.add_argument("--threads", type=int, default=1, choices=(1, 2),
                    help="torch threads of the trainer side (default 1: on the shared 2 cores waking a second "
                    "intra-op thread costs ~10 ms per copy; the baseline's copies are numpy's, single-threaded)")
@@ -113,8 +116,8 @@ def server_main(endpoint: str, model: str, inline: bool, out, stop) -> None:
 
     torch.set_num_threads(1)
     teacher = Teacher(model, "momentum", projector_hidden=None)
-    server = _probe_class()(ServerConfig("idm", ranks=(0,)), teacher, lambda r: _IdleLoader(), PLAN_HASH, STEPS,
-                            0, 1, inline=inline, out=out)
+    server = _probe_class()(ServerConfig("idm", ranks=(0,), heartbeat=HEARTBEAT), teacher, lambda r: _IdleLoader(),
+                            PLAN_HASH, STEPS, 0, 1, inline=inline, out=out)
     ctx, halt = zmq.Context(), threading.Event()
     sock, _ = make_socket(ctx, endpoint, None, server.frame_limit)
     loop = threading.Thread(target=serve, args=(server, sock, halt), daemon=True)
@@ -158,7 +161,7 @@ def _run_path(args, state, device, inline: bool) -> dict:
         if out.get(timeout=args.timeout) != "ready":
             raise RuntimeError("bench server did not start")
         client = MaskClient(endpoint, rank=0, world_size=1, plan_hash=PLAN_HASH, num_patches=196,
-                            heartbeat=1.0, mask_timeout=args.timeout)
+                            heartbeat=HEARTBEAT, mask_timeout=args.timeout)
         deadline = time.monotonic() + args.timeout
         while client.server_id is None:  # WELCOME: the server's session is this client's
             if time.monotonic() > deadline:
