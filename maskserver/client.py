@@ -14,8 +14,9 @@ batches it already holds are kept and duplicates are dropped.
 What ends the stream reaches `get` as MaskServerError naming the cause: a refusal (PLAN, VERSION,
 REPLACED), an I/O thread that failed (a bad endpoint, an unreadable key), a rank worker of the
 server that failed twice with no batch handed out in between (the first failure is answered with
-a HELLO, which restarts it), a server that refused a weight upload (WEIGHTS), a failed CURVE
-handshake (maskserver/link.py). BUSY (the rank is held by another run) is retried: `wait` waits for
+a HELLO, which restarts it), a failed CURVE handshake (maskserver/link.py). A weight upload the
+server refused (ERROR WEIGHTS) is raised once, by the next get: the stream goes on for a caller
+that catches it. BUSY (the rank is held by another run) is retried: `wait` waits for
 the rank, `fail` and `random` act after mask_timeout as for a silent server.
 
 run_id names the run (every rank, kept across --resume) and restart_id this launch of it (every
@@ -123,6 +124,7 @@ class MaskClient:
         self._cursor = tuple(cursor)  # next batch to hand out; guarded by _cv
         self._ready: dict[tuple[int, int], P.Message] = {}
         self._fatal: str | None = None
+        self._rejected: list[str] = []  # the server's WEIGHTS errors, raised once by the next get
         self._cv = threading.Condition()
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -153,7 +155,13 @@ class MaskClient:
                 if not rollover:  # the trainer jumped (resume, skip): restart the stream there
                     self._command(("hello",))
             t0 = last_log = time.monotonic()
-            while key not in self._ready:
+            while True:
+                if self._rejected:  # raised once: a caller that catches it may go on
+                    why, self._rejected = "; ".join(self._rejected), []
+                    raise MaskServerError(f"rank {self.rank}: mask server {self.endpoint} rejected our "
+                                          f"weights: {why}")
+                if key in self._ready:
+                    break
                 if self._fatal:
                     raise MaskServerError(self._fatal)
                 if not self._thread.is_alive():
@@ -470,8 +478,11 @@ class MaskClient:
                                 f"{f['message']}")
                 return None
             if f["code"] == P.E_WEIGHTS:  # the teacher would go on with older weights: the trainer must know
-                self._set_fatal(f"rank {self.rank}: mask server {self.endpoint} rejected our weights: "
-                                f"{f['message']}")
+                log.error("rank %d: mask server %s rejected our weights: %s", self.rank, self.endpoint, f["message"])
+                with self._cv:
+                    self._rejected.append(f["message"])
+                    self._cv.notify_all()
+                self.stats["errors"] += 1
                 return None
             self.stats["errors"] += 1
             if f["code"] == P.E_WORKER:

@@ -275,12 +275,23 @@ def test_a_run_is_masked_only_with_weights_it_sent(sample_ds, server):
         # run b restarts (--resume at step 5) while its killed launch still holds the rank
         b2 = client(server.endpoint, plan, run_id="run-b", restart_id="b2", cursor=(0, 5), credits=1)
         assert get_within(b2, plan, 0, 5)[0].teacher_version == -1  # not the killed launch's v1
-        # one hostile upload (version 2^62, a name the teacher lacks) must not freeze the teacher
+        # one hostile upload (version 2^62, a name the teacher lacks) must not freeze the teacher,
+        # and its sender is told (MaskClient.get raises each rejection once)
         b2.send_weights({"bogus": torch.zeros(3)}, version=2**62, step=6)
         b2.send_weights({**state, "bogus": torch.zeros(3)}, version=7, step=6)
         b2.send_weights(state, version=6, step=6)
-        seen = _versions_until(b2, plan, 6, 6)
+        seen, rejected = [], []
+        for s in range(6, 15):
+            mb, err = get_within(b2, plan, 0, s)
+            while isinstance(err, MaskServerError) and "rejected our weights" in str(err):
+                rejected.append(str(err))
+                mb, err = get_within(b2, plan, 0, s)
+            assert err is None, err
+            seen.append(mb.teacher_version)
+            if mb.teacher_version == 6:
+                break
         assert set(seen) <= {-1, 6} and seen[-1] == 6, seen
+        assert rejected and all("weights" in r for r in rejected), rejected
         _, err = get_within(b, plan, 0, 14, 30)  # the replaced launch is told so
         assert isinstance(err, MaskServerError) and "REPLACED" in str(err), err
     finally:
