@@ -62,8 +62,8 @@ def test_maskserver_on_a_gpu_that_is_not_there_says_so():
 def test_missing_optional_packages_are_not_installed_never_a_crash():
     f = doctor_json("--", "train", "--shards", "x", block=("zmq", "nvidia.dali"))
     assert f["pyzmq"] == "not installed" and f["dali"] == "not installed"
-    # the trainer imports the mask client, hence pyzmq: the command itself cannot load
-    assert "cannot load here" in f["placement"]["error"] and "zmq" in f["placement"]["error"]
+    # without a mask server the trainer needs no pyzmq: its placement is still worked out
+    assert "error" not in f["placement"], f["placement"]
     f = doctor_json("--", "maskserver", "--shards", "x", "--strategy", "sbam", "--model", "m", block=("nvidia.dali",))
     assert "DALI not installed" in f["placement"]["decode"] and "--decoder pil" in f["placement"]["decode"]
 
