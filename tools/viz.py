@@ -93,7 +93,8 @@ def few_shot_head(teacher: Teacher, images, fg, ratio: float) -> dict:
     n_mask = teacher.cfg.num_patches - len_keep_for(teacher.cfg.num_patches, ratio)
     recall = head_recall(scores, fg, n_mask)
     block, head = select_head(scores, fg, n_mask)
-    return {"block": block, "head": head, "shot_recall": round(float(recall[block, head]), 4), "shots": len(images)}
+    return {"block": block, "head": head, "shot_recall": round(float(recall[block, head]), 4),
+            "shots": len(images)}
 
 
 def run(args) -> dict:
@@ -114,9 +115,9 @@ def run(args) -> dict:
             pb = loader.plan.batch(batch.epoch, batch.step)
             metas = [json.loads(loader.reader.read_one(int(i), meta=True).tobytes()) for i in pb.sample_ids]
             has_fg = has_fg and all("fg" in meta for meta in metas)
-            fg = torch.from_numpy(np.stack([fg_patches(meta, pb.views[0].crop[j], bool(pb.views[0].flip[j]),
-                                                       cfg.img_size, cfg.patch_size) for j, meta in enumerate(metas)])) \
-                if has_fg else None
+            fg = None if not has_fg else torch.from_numpy(np.stack([
+                fg_patches(meta, pb.views[0].crop[j], bool(pb.views[0].flip[j]), cfg.img_size, cfg.patch_size)
+                for j, meta in enumerate(metas)]))
             keep = batch.valid & (fg.sum(1) > 0) if has_fg else batch.valid.clone()
             if args.gpa_shots and few_shot is None and has_fg:
                 shots = keep.nonzero()[:args.gpa_shots, 0]
@@ -124,8 +125,9 @@ def run(args) -> dict:
                 keep[shots] = False   # the pick is scored on images it did not see
             masks = {n: teacher.compute(batch.images, n, ratio=args.ratio, generator=gen).mask for n in names}
             if few_shot is not None:
-                masks["gpa few-shot"] = teacher.compute(batch.images, "gpa", ratio=args.ratio, generator=gen,
-                                                        block=few_shot["block"], options={"head": few_shot["head"]}).mask
+                masks["gpa few-shot"] = teacher.compute(
+                    batch.images, "gpa", ratio=args.ratio, generator=gen, block=few_shot["block"],
+                    options={"head": few_shot["head"]}).mask
             if has_fg:
                 for n, mk in masks.items():
                     rec = (mk & fg).sum(1).float() / fg.sum(1).clamp(min=1)
@@ -165,7 +167,8 @@ def draw(path: Path, images, fg, per_strategy: dict, cfg, ratio: float) -> None:
     import matplotlib.pyplot as plt
     g, p = cfg.img_size // cfg.patch_size, cfg.patch_size
     cols = 1 + 2 * len(per_strategy)
-    fig, axes = plt.subplots(len(images), cols, figsize=(1.7 * cols + 1.2, 1.75 * len(images) + 1.1), squeeze=False)
+    fig, axes = plt.subplots(len(images), cols, figsize=(1.7 * cols + 1.2, 1.75 * len(images) + 1.1),
+                             squeeze=False)
     im = None
     for r, img in enumerate(images):
         rgb = _rgb(img)
@@ -176,7 +179,8 @@ def draw(path: Path, images, fg, per_strategy: dict, cfg, ratio: float) -> None:
         for c, (name, (score, mask)) in enumerate(per_strategy.items()):
             a = axes[r, 1 + 2 * c]
             if score is None:
-                a.text(0.5, 0.5, f"{name}:\nno score", ha="center", va="center", fontsize=10, transform=a.transAxes)
+                a.text(0.5, 0.5, f"{name}:\nno score", ha="center", va="center", fontsize=10,
+                       transform=a.transAxes)
             else:
                 im = a.imshow(score[r].view(g, g).numpy(), cmap="magma", vmin=0, vmax=1)
             dim = 1 - 0.75 * np.kron(mask[r].view(g, g).float().numpy(), np.ones((p, p)))
@@ -219,7 +223,8 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
         im = im.resize((max(s, round(w * s / min(w, h))), max(s, round(h * s / min(w, h)))), Image.BICUBIC)
         left, top = (im.width - size) // 2, (im.height - size) // 2
         a = torch.from_numpy(np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255)
-        out.append((a.permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        out.append((a.permute(2, 0, 1) - mean) / std)
     return torch.stack(out)
 
 

@@ -42,7 +42,8 @@ from mimpipe.pipeline.decode import IMAGENET_MEAN, IMAGENET_STD
 from mimpipe.pipeline.loader import Loader
 from mimpipe.pipeline.manifest import load_manifest
 from mimpipe.pipeline.plan import PlanConfig, ViewConfig, batch_seed, crop_scale
-from mimpipe.tools.argtypes import float_range, int_range, nonneg_float, nonneg_int, positive_float, positive_int, unit_float
+from mimpipe.tools.argtypes import (float_range, int_range, nonneg_float, nonneg_int, positive_float, positive_int,
+                                    unit_float)
 from mimpipe.tools.config import write_config
 from mimpipe.tools.export import timm_spec, timm_state_dict
 from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
@@ -191,8 +192,9 @@ class Classifier:
         self.img_size = self.model.patch_embed.img_size[0]
         self.model.to(self.device)
         lo, hi = (float(x) for x in cfg.crop_scale.split(","))
-        self.plan_cfg = PlanConfig(seed=cfg.seed, batch_size=cfg.batch_size, world_size=world, img_size=self.img_size,
-                                   remainder="drop", views=(ViewConfig(crop="rrc", scale=(lo, hi)),))
+        self.plan_cfg = PlanConfig(seed=cfg.seed, batch_size=cfg.batch_size, world_size=world,
+                                   img_size=self.img_size, remainder="drop",
+                                   views=(ViewConfig(crop="rrc", scale=(lo, hi)),))
         self.loader = Loader(self.train_m, self.plan_cfg, rank, decoder=cfg.decoder, threads=cfg.threads,
                              device="gpu" if self.device.type == "cuda" else "cpu", device_id=self.device.index)
         self.ddp = self.model if world == 1 else torch.nn.parallel.DistributedDataParallel(
@@ -206,7 +208,8 @@ class Classifier:
         self.loss_sum = torch.zeros((), dtype=torch.float64)   # this epoch's losses so far (a resume keeps them)
         self.loss_n = 0
         if rank == 0:
-            log.info("%s -> %d classes, %d train / %d val images, effective batch %d, peak lr %.3g, %d steps/epoch",
+            log.info("%s -> %d classes, %d train / %d val images, effective batch %d, peak lr %.3g, "
+                     "%d steps/epoch",
                      self.name, self.num_classes, len(self.train_m), len(self.val_m), eff, self.sched.lr,
                      self.loader.steps)
 
@@ -238,8 +241,9 @@ class Classifier:
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
         c = self.cfg
         if c.mixup > 0 or c.cutmix > 0:
-            return Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob, switch_prob=c.mixup_switch_prob,
-                         label_smoothing=c.smoothing, num_classes=self.num_classes), SoftTargetCrossEntropy()
+            return Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, prob=c.mixup_prob,
+                         switch_prob=c.mixup_switch_prob, label_smoothing=c.smoothing,
+                         num_classes=self.num_classes), SoftTargetCrossEntropy()
         return None, (LabelSmoothingCrossEntropy(c.smoothing) if c.smoothing else torch.nn.CrossEntropyLoss())
 
     @torch.no_grad()
@@ -268,7 +272,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = Fal
     steps = run.loader.steps
     if resume and run.ckpt_path.is_file():
         run.load()
-        log.info("resumed from %s at iteration %d (epoch %d, step %d)", run.ckpt_path, run.it, *divmod(run.it, steps))
+        log.info("resumed from %s at iteration %d (epoch %d, step %d)", run.ckpt_path, run.it,
+                 *divmod(run.it, steps))
     if rank == 0:
         write_config(out / RUN_CONFIG, asdict(cfg))
     history = _history(out / "log.jsonl", run.it // steps)
@@ -299,7 +304,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = Fal
         batches.close()
         if run.it % steps == 0 or run.it >= total:
             done = (run.it - 1) // steps + 1
-            row = {"epoch": done - 1, "loss": float(run.loss_sum) / max(run.loss_n, 1),   # sync point, once per epoch
+            # sync point, once per epoch: the epoch's mean loss (of this rank's batches)
+            row = {"epoch": done - 1, "loss": float(run.loss_sum) / max(run.loss_n, 1),
                    "lr": run.opt.param_groups[-1]["lr"] / run.opt.param_groups[-1]["lr_scale"]}
             if run.it % steps == 0:   # a --max-steps stop mid-epoch keeps the sums: a resume adds to them
                 run.loss_sum.zero_()
@@ -315,7 +321,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, overwrite: bool = Fal
             if rank == 0:
                 with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
-                log.info("epoch %d: %s", row["epoch"], ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+                log.info("epoch %d: %s", row["epoch"],
+                         ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
         run.save()
     run.loader.close()
     if world > 1:
@@ -334,7 +341,8 @@ def _history(path: Path, epochs_done: int) -> list[dict]:
     """Rows of finished epochs; rows a killed run wrote past its checkpoint are dropped (they run again)."""
     if not path.is_file():
         return []
-    rows = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line) if r["epoch"] < epochs_done]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    rows = [r for r in rows if r["epoch"] < epochs_done]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -343,10 +351,13 @@ def add_arguments(p) -> None:
     d = FinetuneConfig(shards="")
     g = p.add_argument_group("data and run")
     g.add_argument("--shards", required=True, help="labeled training shards (`mimpipe shard`)")
-    g.add_argument("--val-shards", default=None, help="validation shards; default: every --holdout-th sample of --shards")
-    g.add_argument("--holdout", type=int_range(2), default=d.holdout, help="without --val-shards: every n-th sample id validates")
+    g.add_argument("--val-shards", default=None,
+                   help="validation shards; default: every --holdout-th sample of --shards")
+    g.add_argument("--holdout", type=int_range(2), default=d.holdout,
+                   help="without --val-shards: every n-th sample id validates")
     g.add_argument("--out", default=d.out, help="run folder: checkpoint.pt, log.jsonl, config.yaml")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (fresh if there is none)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt with OUT/config.yaml's flags (fresh if there is none)")
     g.add_argument("--overwrite", action="store_true", help="start again in an OUT that holds an earlier run")
     g.add_argument("--init", default=d.init, metavar="CKPT|none", help="pre-trained encoder (`mimpipe train` "
                    "checkpoint, MAE or timm file with --model), or none: random init")
@@ -369,19 +380,21 @@ def add_arguments(p) -> None:
     g.add_argument("--lr", type=positive_float, default=None, help="absolute peak lr (overrides --blr)")
     g.add_argument("--min-lr", type=nonneg_float, default=d.min_lr, help="cosine floor")
     g.add_argument("--warmup-epochs", type=nonneg_float, default=d.warmup_epochs, help="linear warm-up")
-    g.add_argument("--layer-decay", type=float_range(0, 1, lo_open=True), default=d.layer_decay, help="lr scale per layer "
-                   "from the top (ViT-B 0.65, ViT-L 0.75)")
+    g.add_argument("--layer-decay", type=float_range(0, 1, lo_open=True), default=d.layer_decay,
+                   help="lr scale per layer from the top (ViT-B 0.65, ViT-L 0.75)")
     g.add_argument("--weight-decay", type=nonneg_float, default=d.weight_decay, help="AdamW weight decay")
     g.add_argument("--drop-path", type=unit_float, default=d.drop_path, help="stochastic depth rate")
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-scale", type=crop_scale, default=d.crop_scale, help="RandomResizedCrop scale LO,HI")
-    g.add_argument("--randaug-ops", type=nonneg_int, default=d.randaug_ops, help="RandAugment ops per image; 0 = off")
+    g.add_argument("--randaug-ops", type=nonneg_int, default=d.randaug_ops,
+                   help="RandAugment ops per image; 0 = off")
     g.add_argument("--randaug-magnitude", type=int_range(0, 10), default=d.randaug_magnitude,
                    help="RandAugment magnitude of 10 (MAE: m9)")
     g.add_argument("--reprob", type=unit_float, default=d.reprob, help="random erasing probability")
     g.add_argument("--mixup", type=nonneg_float, default=d.mixup, help="Mixup alpha; 0 = off")
     g.add_argument("--cutmix", type=nonneg_float, default=d.cutmix, help="CutMix alpha; 0 = off")
-    g.add_argument("--mixup-prob", type=unit_float, default=d.mixup_prob, help="probability of Mixup or CutMix per batch")
+    g.add_argument("--mixup-prob", type=unit_float, default=d.mixup_prob,
+                   help="probability of Mixup or CutMix per batch")
     g.add_argument("--mixup-switch-prob", type=unit_float, default=d.mixup_switch_prob,
                    help="probability of CutMix instead of Mixup when both are on")
     g.add_argument("--smoothing", type=unit_float, default=d.smoothing, help="label smoothing")
