@@ -84,6 +84,8 @@ def _masks_to_batch(msg: P.Message) -> MaskBatch:
 
 
 class MaskClient:
+    Interrupted = MaskWaitInterrupted   # for callers that do not import this module (no pyzmq there)
+
     def __init__(self, endpoint: str, *, rank: int, world_size: int, plan_hash: str,
                  cursor: tuple[int, int] = (0, 0), credits: int = 4, mask_timeout: float = 30.0,
                  policy: str = "wait", heartbeat: float = 1.0, curve: tuple[str, str] | None = None,

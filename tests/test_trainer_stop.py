@@ -109,3 +109,28 @@ def test_elastic_resume_on_another_world_size_trains_each_sample_once(sample_ds,
     assert "elastic: world size" in r.stderr and "48 of 120 samples done" in r.stderr, r.stderr[-2000:]
     valid = sum(row["valid"] for f in out.glob("metrics*.jsonl") for row in rows(f))
     assert valid == 120, valid
+
+
+def test_sigterm_while_waiting_for_a_server_that_never_answers_stops_within_seconds(sample_ds, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mimpipe.tools.cli", "train", "--shards", str(sample_ds), "--out", str(out),
+         "--model", MODEL, "--batch-size", "8", "--threads", "1", "--decoder", "pil",
+         "--masks", f"tcp://127.0.0.1:{free_port()}", "--mask-policy", "wait", "--mask-timeout", "600"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "config.yaml").exists():   # written just before the first wait for masks
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        text, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, text[-3000:]
+    assert "a signal arrived while waiting for the masks of epoch 0 step 0" in text and "--resume" in text, text[-2000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["it"] == 0
+    print(f"SIGTERM to exit while waiting for masks: {took:.2f} s")

@@ -39,7 +39,7 @@ def run(args) -> dict:
     where = placement(args.device)
     server = start_server(["--shards", args.shards, "--strategy", args.strategy, "--model", args.model,
                            "--bind", endpoint, "--threads", 1, "--stats-file", out / "maskserver.json",
-                           *plan, *where["server"]], out / "maskserver.log", core=where["server_core"])
+                           "--epochs", args.epochs, *plan, *where["server"]], out / "maskserver.log", core=where["server_core"])
     try:
         t0 = time.perf_counter()
         subprocess.run(cli("train", "--shards", args.shards, "--out", out, "--overwrite", "--model", args.model,

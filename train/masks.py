@@ -28,6 +28,10 @@ class Masks:
     len_keep: int | None = None        # every image's kept count, where known without reading mask
 
 
+class StopRequested(Exception):
+    """A signal arrived while the trainer waited for its masks (ServerMasks.should_stop)."""
+
+
 class RandomMasks:
     def __init__(self, num_patches: int, ratio: float, seed: int, rank: int):
         self.L, self.ratio, self.seed, self.rank = num_patches, ratio, seed, rank
@@ -136,7 +140,11 @@ class ServerMasks:
 
     def get(self, batch) -> Masks:
         t0 = time.perf_counter()
-        mb = self.client.get(batch.epoch, batch.step, batch.sample_ids.numpy(), should_stop=self.should_stop)
+        try:
+            mb = self.client.get(batch.epoch, batch.step, batch.sample_ids.numpy(), should_stop=self.should_stop)
+        except self.client.Interrupted:
+            raise StopRequested(f"rank {self.rank}: a signal arrived while waiting for the masks of epoch "
+                                f"{batch.epoch} step {batch.step}") from None
         return Masks(mb.mask, mb.targets, mb.teacher_version,
                      None if mb.teacher_step < 0 else mb.teacher_step, time.perf_counter() - t0, mb.fallback)
 

@@ -37,7 +37,7 @@ from mimpipe.maskserver.strategies import plb_update
 from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
-from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks
+from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks, StopRequested
 from mimpipe.maskserver.teacher import default_source
 from mimpipe.train.mask_quality import MaskQuality, foreground
 from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, StepTimer, plot_curves
@@ -360,6 +360,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     total = run.it + left if cfg.max_steps is None else min(run.it + left, cfg.max_steps)
     stop = StopSignal(world)
     stopped = False
+    if isinstance(run.masks, ServerMasks):
+        # a signal ends a wait for masks within a fraction of a second on one rank; several ranks
+        # must agree at the next step instead (one rank leaving alone would hang the others)
+        run.masks.should_stop = (lambda: stop.local) if world == 1 else None
     run.masks.sync(run.it, run.model, run.ema)
     # every rank logs: per-rank data and mask waits are what profiling needs; rows past the
     # checkpoint (steps a killed run did after its last save) are dropped, they run again
@@ -380,7 +384,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             progress_epochs = plan.progress(epoch, run.step)   # fractional epoch, as MAE sets the lr
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(progress_epochs, run.sched)
-            masks = run.masks.get(batch)
+            try:
+                masks = run.masks.get(batch)
+            except StopRequested as e:   # the last step was whole: its checkpoint can be written
+                log.info("%s", e)
+                stopped = True
+                if run.it % cfg.accum == 0:
+                    run.save()
+                break
             if quality is not None:
                 fg = foreground(run.loader.reader, plan, batch, run.mc.img_size, run.mc.patch_size) \
                     if has_fg else None
