@@ -18,7 +18,7 @@ def test_hand_made_masks():
     q = MaskQuality(n_samples=4, num_patches=8)
     same = np.array([[1, 1, 0, 0, 1, 1, 0, 0]] * 4, bool)
     fg = np.array([[1, 0, 1, 0, 0, 0, 0, 0]] * 4, bool)
-    q.add(same, np.arange(4), np.array([True, True, True, False]), fg)
+    q.add(same, np.arange(4), np.array([True, True, True, False]), fg[:3], np.arange(3))
     e0 = q.epoch_end()
     assert e0["mask_recall"] == 0.5 and e0["mask_entropy"] == 0.0 and e0["mask_overlap_prev"] is None
     assert sum(e0["mask_ratio_hist"]) == 3 and e0["mask_ratio_hist"][bin_of(0.5)] == 3

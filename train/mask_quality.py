@@ -2,7 +2,7 @@
 still find objects as the teacher changes:
 
     mask_recall         share of foreground patches masked (where the data knows its foreground,
-                        as the sample set does; random masks: the ratio)
+                        as the sample set does; random masks: the ratio), from FG_ROWS images a batch
     mask_entropy        mean binary entropy (bits) of each patch position's masking frequency over
                         the epoch: 0.81 for uniform random masks at 0.75, lower when some
                         positions are (almost) always or never masked
@@ -20,6 +20,7 @@ import json
 import numpy as np
 
 RATIO_BINS = np.linspace(0.0, 1.0, 21)
+FG_ROWS = 8   # images a batch whose foreground is read for the recall
 
 
 class MaskQuality:
@@ -38,16 +39,17 @@ class MaskQuality:
         self.iou_sum, self.iou_n = 0.0, 0
         self.ratios = np.zeros(len(RATIO_BINS) - 1, np.int64)
 
-    def add(self, mask: np.ndarray, ids: np.ndarray, valid: np.ndarray, fg: np.ndarray | None = None) -> None:
-        """mask [B, L] bool (True = masked), ids [B], valid [B] bool; fg [B, L] bool or None."""
+    def add(self, mask: np.ndarray, ids: np.ndarray, valid: np.ndarray, fg: np.ndarray | None = None,
+            fg_rows: np.ndarray | None = None) -> None:
+        """mask [B, L] bool (True = masked), ids [B], valid [B] bool; fg [K, L] bool: the
+        foreground of rows fg_rows (valid rows of the batch), or None."""
+        if fg is not None:
+            self.hit += int((mask[fg_rows] & fg).sum())
+            self.fg += int(fg.sum())
         mask, ids = mask[valid], ids[valid]
         self.freq += mask.sum(0)
         self.images += len(mask)
         self.ratios += np.histogram(mask.mean(1), RATIO_BINS)[0]
-        if fg is not None:
-            fg = fg[valid]
-            self.hit += int((mask & fg).sum())
-            self.fg += int(fg.sum())
         again = self.seen_prev[ids]
         if again.any():
             before = np.unpackbits(self.prev[ids[again]], axis=1, count=self.L).astype(bool)
@@ -73,13 +75,16 @@ class MaskQuality:
         return out
 
 
-def foreground(reader, plan, batch, img_size: int, patch: int) -> np.ndarray | None:
-    """[B, L] bool foreground of the batch's first view where every sample's KEY.json has one
-    (the sample set's `fg`), else None: the crop box and flip are the plan's."""
+def foreground(reader, plan, batch, img_size: int, patch: int, rows: int = FG_ROWS):
+    """-> (fg [K, L] bool, row indices [K]) of the batch's first K valid images in their first view,
+    where their KEY.json has a foreground (the sample set's `fg`), else None. K images a batch
+    estimate the epoch's recall at a fraction of the cost (each costs a JSON read and a resize)."""
     from mimpipe.tools.sample import fg_patches
-    ids = batch.sample_ids.numpy()
+    idx = np.flatnonzero(batch.valid.numpy())[:rows]
+    ids = batch.sample_ids.numpy()[idx]
     metas = [json.loads(reader.read_one(int(i), meta=True).tobytes()) for i in ids]
     if not all("fg" in m for m in metas):
         return None
     view = plan.views(batch.epoch, ids)[0]   # of the ids as delivered (a replaced bad sample too)
-    return np.stack([fg_patches(m, view.crop[j], bool(view.flip[j]), img_size, patch) for j, m in enumerate(metas)])
+    return np.stack([fg_patches(m, view.crop[j], bool(view.flip[j]), img_size, patch)
+                     for j, m in enumerate(metas)]), idx

@@ -397,7 +397,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                     if has_fg else None
                 has_fg = fg is not None
                 # host sync only for an in-loop teacher's GPU mask (--no-mask-quality avoids it)
-                quality.add(masks.mask.cpu().numpy(), batch.sample_ids.numpy(), batch.valid.numpy(), fg)
+                quality.add(masks.mask.cpu().numpy(), batch.sample_ids.numpy(), batch.valid.numpy(),
+                            *(fg or (None, None)))
             timer.start()
             boundary = (run.it + 1) % cfg.accum == 0
             # accumulation micro-steps keep their gradients local: one all-reduce per optimizer step
