@@ -44,3 +44,25 @@ def test_a_run_reports_mask_quality_on_each_epochs_last_row(sample_ds, tmp_path)
         assert abs(r["mask_recall"] - 0.75) < 0.05 and abs(r["mask_entropy"] - 0.811) < 0.02
         assert sum(r["mask_ratio_hist"]) == 120 and r["mask_ratio_hist"][bin_of(0.75)] == 120
     assert ends[0]["mask_overlap_prev"] is None and abs(ends[1]["mask_overlap_prev"] - 0.6) < 0.05
+
+
+def test_a_batch_of_padding_only_reads_no_foreground(sample_ds):
+    """A rank's last batch may hold only padding (valid all False): nothing to read, no crash."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mimpipe.pipeline.loader import Loader
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.pipeline.plan import PlanConfig
+    from mimpipe.train.mask_quality import foreground
+    loader = Loader(load_manifest(sample_ds), PlanConfig(batch_size=4, img_size=64), decoder="pil", threads=1)
+    try:
+        batch = SimpleNamespace(valid=torch.zeros(4, dtype=torch.bool), sample_ids=torch.arange(4), epoch=0, step=0)
+        fg, rows = foreground(loader.reader, loader.plan, batch, 64, 8)
+        assert fg.shape == (0, 64) and len(rows) == 0
+        q = MaskQuality(len(loader.plan.W), 64)
+        q.add(np.ones((4, 64), bool), np.arange(4), np.zeros(4, bool), fg, rows)
+        assert q.epoch_end()["mask_recall"] is None
+    finally:
+        loader.close()

@@ -81,6 +81,8 @@ def foreground(reader, plan, batch, img_size: int, patch: int, rows: int = FG_RO
     estimate the epoch's recall at a fraction of the cost (each costs a JSON read and a resize)."""
     from mimpipe.tools.sample import fg_patches
     idx = np.flatnonzero(batch.valid.numpy())[:rows]
+    if not len(idx):   # a rank's last batch can be all padding
+        return np.zeros((0, (img_size // patch) ** 2), bool), idx
     ids = batch.sample_ids.numpy()[idx]
     metas = [json.loads(reader.read_one(int(i), meta=True).tobytes()) for i in ids]
     if not all("fg" in m for m in metas):
