@@ -332,8 +332,13 @@ def test_fuzz_server_survives_hostile_frames(sample_ds, shared):
         run_epochs(c, plan1, 1, got)
         assert len(got) == plan1.steps
         assert shared["proc"].poll() is None
-        time.sleep(0.8)
-        assert stats_of(shared)["bad_frames"] > before + 1000
+        # counted as the server gets to them; an oversized frame (kind 3, past the teacher-sized
+        # ZMQ_MAXMSGSIZE) disconnects the rogue and drops what it had queued, so how many of the
+        # 3000 are counted depends on timing: some hundreds, not all
+        deadline = time.monotonic() + 30
+        while stats_of(shared)["bad_frames"] <= before + 100 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert stats_of(shared)["bad_frames"] > before + 100
     finally:
         rogue.close(0)
         if c:
