@@ -389,9 +389,11 @@ def test_weights_sync_and_masks_match_in_process_teacher(sample_ds, tmp_path):
         first = c.get(0, 0, plan.batch(0, 0).sample_ids)
         assert first.teacher_version == -1
         c.send_weights(state, version=3, step=3)
-        deadline = time.monotonic() + 30  # the I/O thread hashes and queues it: the bound below counts from there
-        while c.stats["weights_sent"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.001)
+        # the client's I/O thread hashes and sends it, the server's assembler checks and applies
+        # it off the socket loop: the bound below counts from the swap
+        deadline = time.monotonic() + 60
+        while "teacher now at weights" not in (tmp_path / "server.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.01)
         got = {}
         for s in range(1, plan.steps):
             got[s] = c.get(0, s, plan.batch(0, s).sample_ids)
