@@ -24,6 +24,24 @@ from mimpipe.tools import procs
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mae_vit_micro_patch8_64"
 L = 64
+WORLD, B = 2, 4
+RUN, LAUNCH = "test-run", "launch-1"   # the test run's identity; start_client's processes default to it
+
+
+def plans(ds):
+    """The plan of every rank of the test layout."""
+    from mimpipe.pipeline.manifest import load_manifest
+    from mimpipe.pipeline.plan import Plan, PlanConfig
+    m = load_manifest(ds)
+    return [Plan(m, PlanConfig(seed=0, batch_size=B, world_size=WORLD, img_size=64), r) for r in range(WORLD)]
+
+
+def client(endpoint, plan, **kw):
+    """A rank of the test run (every rank of one launch shares run_id and restart_id, as a trainer's)."""
+    from mimpipe.maskserver.client import MaskClient
+    kw = {"num_patches": L, "ratio": 0.75, "seed": 0, "heartbeat": 0.5, "mask_timeout": 30.0,
+          "policy": "fail", "run_id": RUN, "restart_id": LAUNCH, **kw}
+    return MaskClient(endpoint, rank=plan.rank, world_size=WORLD, plan_hash=plan.hash, **kw)
 
 
 def free_port() -> int:
@@ -87,8 +105,8 @@ def _main() -> None:
     ap.add_argument("--policy", default="fail")
     ap.add_argument("--mask-timeout", type=float, default=30.0)
     ap.add_argument("--hold", action="store_true", help="after the last batch, stay connected")
-    ap.add_argument("--run-id", default="test-run")
-    ap.add_argument("--restart-id", default="launch-1")
+    ap.add_argument("--run-id", default=RUN)
+    ap.add_argument("--restart-id", default=LAUNCH)
     ap.add_argument("--start", type=int, default=0, help="first iteration, epoch * steps + step (a restart)")
     ap.add_argument("--heartbeat", type=float, default=0.5)
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per batch (a trainer step)")

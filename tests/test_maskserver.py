@@ -23,23 +23,8 @@ from mimpipe.maskserver import protocol as P
 from mimpipe.maskserver.weights import weight_chunks
 from mimpipe.maskserver.client import MaskClient, MaskServerError, batch_generator
 from mimpipe.pipeline.manifest import load_manifest
-from mimpipe.pipeline.plan import Plan, PlanConfig
-from maskserver_helpers import L, MODEL, free_port, kill, read_lines, start_client, start_server
-
-WORLD, B = 2, 4
-RUN, LAUNCH = "test-run", "launch-1"  # maskserver_helpers' client processes default to the same
-
-
-def plans(ds):
-    m = load_manifest(ds)
-    return [Plan(m, PlanConfig(seed=0, batch_size=B, world_size=WORLD, img_size=64), r) for r in range(WORLD)]
-
-
-def client(endpoint, plan, **kw):
-    """A rank of the test run (every rank of one launch shares run_id and restart_id, as a trainer's)."""
-    kw = {"num_patches": L, "ratio": 0.75, "seed": 0, "heartbeat": 0.5, "mask_timeout": 30.0,
-          "policy": "fail", "run_id": RUN, "restart_id": LAUNCH, **kw}
-    return MaskClient(endpoint, rank=plan.rank, world_size=WORLD, plan_hash=plan.hash, **kw)
+from maskserver_helpers import (B, L, MODEL, WORLD, client, free_port, kill, plans, read_lines, start_client,
+                                start_server)
 
 
 def check_batch(mb, plan, epoch, step):

@@ -29,24 +29,12 @@ from mimpipe.maskserver.server import MaskServer, ServerConfig
 from mimpipe.maskserver.serve import make_socket, rank_list, serve
 from mimpipe.maskserver.teacher import Teacher
 from mimpipe.pipeline.manifest import load_manifest
-from mimpipe.pipeline.plan import Plan, PlanConfig
+from mimpipe.pipeline.plan import Plan
 from mimpipe.train.model import create_model, model_config
-from maskserver_helpers import L, MODEL, ROOT, free_port, kill, read_lines, start_client, start_server
+from maskserver_helpers import (B, L, LAUNCH, MODEL, ROOT, RUN, WORLD, client, free_port, kill, plans,
+                                read_lines, start_client, start_server)
 
-WORLD, B = 2, 4
-RUN, LAUNCH = "test-run", "launch-1"  # maskserver_helpers' client processes default to these
 HEADS = model_config(MODEL).num_heads
-
-
-def plans(ds):
-    m = load_manifest(ds)
-    return [Plan(m, PlanConfig(seed=0, batch_size=B, world_size=WORLD, img_size=64), r) for r in range(WORLD)]
-
-
-def client(endpoint, plan, **kw):
-    kw = {"num_patches": L, "ratio": 0.75, "seed": 0, "heartbeat": 0.5, "mask_timeout": 30.0,
-          "policy": "fail", "run_id": RUN, "restart_id": LAUNCH, **kw}
-    return MaskClient(endpoint, rank=plan.rank, world_size=WORLD, plan_hash=plan.hash, **kw)
 
 
 def get_within(c, plan, epoch, step, seconds=120.0):
