@@ -87,7 +87,7 @@ def config_layers(command: str, argv: list[str], run_config: str | None) -> list
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--out", "--output_dir")
-    pre.add_argument("--resume", nargs="?", const="auto")
+    pre.add_argument("--resume", action="store_true")
     known, _ = pre.parse_known_args(own)
     layers = []
     if known.config:

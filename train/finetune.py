@@ -49,7 +49,7 @@ from mimpipe.tools.export import timm_spec, timm_state_dict
 from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.evaluate import encoder_from_checkpoint, extract, split
-from mimpipe.train.model import MODELS, model_config
+from mimpipe.train.model import MODELS
 from mimpipe.train.optim import Schedule, lr_at
 from mimpipe.train.trainer import setup_distributed
 

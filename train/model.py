@@ -12,7 +12,6 @@ Mask convention everywhere: mask [N, L], 1/True = masked (MAE: 1 is remove), 0 =
 """
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Mapping
 
 import torch

@@ -25,9 +25,10 @@ def lr_at(epoch: float, s: Schedule) -> float:
     return s.min_lr + (s.lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def ema_momentum(it: int, total_iters: int, m0: float = 0.996) -> float:
-    """LUT's cosine momentum, m0 -> 1 over training (docs/methods.md 2.6)."""
-    return 1.0 + 0.5 * (m0 - 1.0) * (1.0 + math.cos(math.pi * it / max(total_iters, 1)))
+def ema_momentum(done: float, total: float, m0: float = 0.996) -> float:
+    """LUT's cosine momentum, m0 -> 1 over training (docs/methods.md 2.6); done / total is the
+    progress, in iterations or (the trainer's) fractional epochs."""
+    return 1.0 + 0.5 * (m0 - 1.0) * (1.0 + math.cos(math.pi * done / max(total, 1)))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
