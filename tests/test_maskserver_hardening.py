@@ -264,9 +264,12 @@ def test_a_run_is_masked_only_with_weights_it_sent(sample_ds, server):
         b2 = client(server.endpoint, plan, run_id="run-b", restart_id="b2", cursor=(0, 5), credits=1)
         assert get_within(b2, plan, 0, 5)[0].teacher_version == -1  # not the killed launch's v1
         # one hostile upload (version 2^62, a name the teacher lacks) must not freeze the teacher,
-        # and its sender is told (MaskClient.get raises each rejection once)
-        b2.send_weights({"bogus": torch.zeros(3)}, version=2**62, step=6)
-        b2.send_weights({**state, "bogus": torch.zeros(3)}, version=7, step=6)
+        # and its sender is told (MaskClient.get raises each rejection once). Each waits for the
+        # server's verdict: the client keeps one snapshot waiting, so a quicker next one replaces it.
+        for bad in ({"bogus": torch.zeros(3)}, 2**62), ({**state, "bogus": torch.zeros(3)}, 7):
+            before = wait_stats(server.stats, lambda st: True)["rejected"]
+            b2.send_weights(bad[0], version=bad[1], step=6)
+            assert wait_stats(server.stats, lambda st: st["rejected"] > before)["rejected"] > before
         b2.send_weights(state, version=6, step=6)
         seen, rejected = [], []
         for s in range(6, 15):
