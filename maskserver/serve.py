@@ -22,7 +22,7 @@ from mimpipe.maskserver import protocol as P
 from mimpipe.maskserver.server import MaskServer, ServerConfig
 from mimpipe.maskserver.strategies import STRATEGIES
 from mimpipe.pipeline.plan import add_plan_arguments, plan_config_from_args
-from mimpipe.tools.argtypes import float_range, positive_float, positive_int
+from mimpipe.tools.argtypes import float_range, nonneg_int, positive_float, positive_int
 
 log = logging.getLogger("mimpipe.maskserver")
 
@@ -149,6 +149,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-every", type=positive_float, default=10.0, help="seconds")
     p.add_argument("--curve", default=None, help="key folder from `mimpipe keys`: CURVE auth on")
     p.add_argument("--heartbeat", type=positive_float, default=1.0, help="seconds; 3 silent intervals = dead")
+    p.add_argument("--score-cache", type=nonneg_int, default=0, metavar="K",
+                   help="gpa, idm, attmask: cache each image's teacher score on its whole view and resample it "
+                        "onto every epoch's crop, refreshed every K epochs (a frozen teacher: never); 0 = off, "
+                        "the exact path (docs/methods.md 8)")
+    p.add_argument("--score-cache-dir", default=None, metavar="DIR",
+                   help="keep the score cache memory-mapped in DIR (ImageNet scale); a restarted server "
+                        "reloads a frozen teacher's entries from it")
     p.add_argument("--keep-alive", action="store_true", help="keep serving after every rank finished its plan "
                    "(default: exit 0 with a summary once each rank that registered said BYE at its last epoch)")
     add_plan_arguments(p)
@@ -212,7 +219,15 @@ def main(args: argparse.Namespace) -> int:
         return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2,
                       device="gpu" if gpu else "cpu", device_id=gpu_id)
 
-    server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size)
+    scores = None
+    if args.score_cache:
+        from mimpipe.maskserver.score_cache import CachedMasks
+        scores = CachedMasks(teacher, args.strategy, table=manifest.table, every=args.score_cache, block=args.block,
+                             options=dict(cfg.options), interpolation=plan_cfg.interpolation, seed=plan_cfg.seed,
+                             folder=args.score_cache_dir)
+    elif args.score_cache_dir:
+        raise ValueError("--score-cache-dir without --score-cache K: the cache is off")
+    server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size, scores)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -100,9 +100,11 @@ class MaskServer:
     """The core: message handling and the per-rank workers. No socket here (see `serve`)."""
 
     def __init__(self, cfg: ServerConfig, teacher, make_loader, plan_hash: str, steps: int, seed: int,
-                 world_size: int):
-        """make_loader(rank) -> a Loader of that rank (called in the rank's worker thread)."""
+                 world_size: int, scores=None):
+        """make_loader(rank) -> a Loader of that rank (called in the rank's worker thread).
+        scores: a score_cache.CachedMasks (--score-cache), or None: the exact path."""
         self.cfg, self.teacher, self.make_loader, self.world_size = cfg, teacher, make_loader, world_size
+        self.scores = scores
         self.plan_hash, self.steps, self.seed = plan_hash, steps, seed
         self.server_id = uuid.uuid4().hex[:16]
         self.num_patches = teacher.cfg.num_patches
@@ -289,6 +291,8 @@ class MaskServer:
         with self.lock:
             self.session = (run, launch)
             self.teacher.reset()
+            if self.scores is not None:
+                self.scores.reset()
             self.assembler.reset(self.teacher.version)
             self.pending = None
             self.feedback_seen, self.plb_epoch, self.plb_sum, self.plb_count = set(), None, None, None
@@ -460,12 +464,15 @@ class MaskServer:
     def _produce(self, st: RankState, loader, gen: int) -> None:
         """Generation `gen`'s batches from st.start on, until stopped or a HELLO starts another."""
         epoch, step = st.start
+        # cached scores need only the plan's crop boxes: nothing is decoded but the reference views
+        # of entries due (LUT's targets still need the views)
+        plan_only = self.scores is not None and not self.cfg.lut
         while not st.stop.is_set() and gen == st.generation:
-            with closing(loader.epoch(epoch, step)) as batches:
+            with closing(loader.plan.batches(epoch, step) if plan_only else loader.epoch(epoch, step)) as batches:
                 for batch in batches:
                     if st.stop.is_set() or gen != st.generation:
                         return
-                    self._put(st, gen, (gen, batch.epoch, batch.step, *self._masks(st.rank, batch)))
+                    self._put(st, gen, (gen, batch.epoch, batch.step, *self._masks(st.rank, batch, loader)))
             epoch, step = epoch + 1, 0
 
     @staticmethod
@@ -478,10 +485,12 @@ class MaskServer:
             except queue.Full:
                 pass
 
-    def _masks(self, rank: int, batch) -> tuple[dict, dict]:
-        """One decoded batch -> MASKS fields and arrays (pure apart from the teacher)."""
+    def _masks(self, rank: int, batch, loader=None) -> tuple[dict, dict]:
+        """One batch (a Loader's, or with cached scores a PlannedBatch) -> MASKS fields and arrays
+        (pure apart from the teacher)."""
         g = batch_generator(self.seed, batch.epoch, batch.step, rank, self.teacher.device)
-        n = batch.images.shape[0]
+        ids = np.asarray(batch.sample_ids)
+        n = len(ids)
         with self.lock:
             w = self.pending
             if w is not None and w.version > self.teacher.version:
@@ -504,10 +513,17 @@ class MaskServer:
                 mask = random_mask(n, self.num_patches, self.cfg.ratio, generator=cpu_g)
                 out_mask, len_keep, extras = mask, (~mask).sum(1), {}
             else:
-                out = self.teacher.compute(batch.images, self.cfg.strategy, ratio=self.cfg.ratio, generator=g,
-                                           progress=batch.epoch / self.cfg.epochs, block=self.cfg.block,
-                                           head_probs=None if self.head_probs is None else self.head_probs.float(),
-                                           options=dict(self.cfg.options))
+                head_probs = None if self.head_probs is None else self.head_probs.float()
+                if self.scores is None:
+                    out = self.teacher.compute(batch.images, self.cfg.strategy, ratio=self.cfg.ratio, generator=g,
+                                               progress=batch.epoch / self.cfg.epochs, block=self.cfg.block,
+                                               head_probs=head_probs, options=dict(self.cfg.options))
+                else:
+                    view = loader.plan.views(batch.epoch, ids)[0]
+                    out, version, tstep = self.scores.masks(ids, view.crop, view.flip, batch.epoch,
+                                                            ratio=self.cfg.ratio, generator=g,
+                                                            progress=batch.epoch / self.cfg.epochs,
+                                                            head_probs=head_probs, whole_images=loader.whole_images)
                 out_mask, len_keep, extras = out.mask, out.len_keep, dict(out.extras)
                 if self.cfg.lut and batch.view2 is not None and version >= 0:
                     extras["lut_t1"], extras["lut_t2"] = self.teacher.lut_targets(batch.images, batch.view2)
@@ -516,7 +532,7 @@ class MaskServer:
             v = v.detach().cpu()
             arrays[k] = v.to(torch.int64) if k == "heads" else v.to(torch.float16)
         fields = {"rank": rank, "epoch": batch.epoch, "step": batch.step,
-                  "checksum": P.checksum(batch.sample_ids.numpy()), "n": n, "num_patches": self.num_patches,
+                  "checksum": P.checksum(ids), "n": n, "num_patches": self.num_patches,
                   "teacher_version": version, "teacher_step": tstep}
         return fields, arrays
 
@@ -532,7 +548,7 @@ class MaskServer:
         return {"server_id": self.server_id, "time": time.time(), "batches_per_s": round(rate, 2),
                 "teacher_version": self.teacher.version, "teacher_step": tstep, "ranks": ranks,
                 "freed": self.freed, "plb_epoch": self.plb_epoch, "feedback_pending": len(self.feedback_seen),
-                **self.counts}
+                **({"score_cache": self.scores.cache.stats()} if self.scores is not None else {}), **self.counts}
 
 
 

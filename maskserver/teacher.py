@@ -124,7 +124,7 @@ class Teacher:
         student is with --img-size. source: 'online' | 'momentum' | 'frozen:PATH'.
         strategy, block: what an `online` teacher holds (the others hold the whole encoder).
         projector_hidden: hidden width of the momentum projector (LUT: 4096); None = no projector."""
-        self.source, self.kind = source, source.split(":", 1)[0]
+        self.source, self.kind, self.model = source, source.split(":", 1)[0], model
         self.device = torch.device(device)
         size = {} if img_size is None else {"img_size": img_size}
         self.cfg = model_config(model, **size)
@@ -228,6 +228,18 @@ class Teacher:
         with full_fp32() if strategy.needs == "embed" else contextlib.nullcontext():
             inp = self.mask_inputs(images, strategy_name, block=block, progress=progress, head_probs=head_probs)
             return strategy(inp, ratio, generator=generator, **strategy_options(strategy_name, self.cfg, options))
+
+    def scores(self, images: Tensor, strategy_name: str, *, block: int | None = None,
+               options: Mapping | None = None) -> Tensor:
+        """A cacheable strategy's per-patch score of `images` ([N, C, L] fp32: the part of its mask
+        the teacher decides, maskserver/score_cache.py); options: as for compute (those of the
+        stochastic step are not used here)."""
+        strategy = get_strategy(strategy_name)
+        if not strategy.cacheable:
+            raise ValueError(f"strategy {strategy_name!r} has no cacheable score")
+        inp = self.mask_inputs(images, strategy_name, block=block)
+        score_options, _ = strategy.split_options(strategy_options(strategy_name, self.cfg, options))
+        return strategy.score(inp, **score_options).float()
 
     @torch.no_grad()
     def mask_inputs(self, images: Tensor, strategy_name: str, *, block: int | None = None,

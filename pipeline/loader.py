@@ -31,7 +31,7 @@ import torch
 
 from mimpipe.pipeline.decode import (HW_DECODER_LOAD, MAX_DECODE_PIXELS, DecodeError, Decoded,
                                      check_decodable, make_decoder)
-from mimpipe.pipeline.plan import Plan, PlanConfig, PlannedBatch
+from mimpipe.pipeline.plan import Plan, PlanConfig, PlannedBatch, View
 from mimpipe.pipeline.reader import ChecksumError, ShardReader
 
 log = logging.getLogger("mimpipe.loader")
@@ -97,10 +97,12 @@ class Loader:
                             "raise a DecodeError" if on_error == "raise" else "be replaced")
         self.reader = ShardReader(manifest, threads)
         color = [i for i, v in enumerate(cfg.views) if v.color]
-        self.decoder = make_decoder(decoder, img_size=cfg.img_size, n_views=len(cfg.views),
-                                    color_views=color, batch_size=cfg.batch_size, threads=threads,
-                                    interpolation=cfg.interpolation, device=device, device_id=device_id,
-                                    prefetch=dali_prefetch, hw_decoder_load=hw_decoder_load)
+        self._decoder_args = dict(name=decoder, img_size=cfg.img_size, batch_size=cfg.batch_size, threads=threads,
+                                  interpolation=cfg.interpolation, device=device, device_id=device_id,
+                                  hw_decoder_load=hw_decoder_load)
+        self.decoder = make_decoder(**self._decoder_args, n_views=len(cfg.views), color_views=color,
+                                    prefetch=dali_prefetch)
+        self._whole = None   # the decoder of whole_images, built at first use
         self.replaced = 0
         self._running: set = set()   # producers of unfinished epoch() iterators
         self._handed: deque[Batch] = deque()   # handed out and not released, oldest first
@@ -283,6 +285,38 @@ class Loader:
             if self._screen(cand, data) is None and check_decodable(data) is None:
                 return cand, data
         raise DecodeError(f"{self.m.root}: no sample passes its checks and decodes")
+
+    def whole_images(self, sample_ids: np.ndarray) -> torch.Tensor:
+        """Each sample's whole stored image resized to the plan's S x S, normalized: [n, 3, S, S] on
+        the decoder's device, ordered on the current stream (the score cache's reference views,
+        maskserver/score_cache.py). Synchronous, on a decoder of its own (the epoch's keeps its
+        pipeline); a bad sample raises DecodeError naming shard and key, whatever on_error says:
+        a batch never holds a sample that on_error='skip' replaced, so none is asked for."""
+        ids = np.asarray(sample_ids, np.int64)
+        if self._whole is None:
+            self._whole = make_decoder(**self._decoder_args, n_views=1, color_views=(), prefetch=1)
+        out = []
+        for a in range(0, len(ids), self.plan.cfg.batch_size):
+            chunk = ids[a:a + self.plan.cfg.batch_size]
+            encoded = self.reader.prefetch(chunk).results()
+            for i, data in zip(chunk, encoded):
+                if (why := self._screen(int(i), data)) is not None:
+                    raise DecodeError(why)
+            W, H = self.m.table["width"][chunk], self.m.table["height"][chunk]
+            box = np.stack([np.zeros_like(W), np.zeros_like(H), W, H], axis=1).astype(np.int32)
+            try:
+                self._whole.submit(encoded, (View(box, np.zeros(len(chunk), bool), None),))
+                d = self._whole.collect()
+            except DecodeError as e:
+                for i, data in zip(chunk, encoded):
+                    if (cause := check_decodable(data)) is not None:
+                        raise DecodeError(f"{self.m.where(int(i))}: cannot decode: {cause}") from e
+                raise
+            if d.ready is not None:
+                torch.cuda.current_stream(self._whole.device).wait_event(d.ready)
+            out.append(d.views[0].clone())
+            self._whole.release(d)
+        return torch.cat(out)
 
     def close(self) -> None:
         """Stop producers of iterators not run to the end (a thread left inside DALI at exit

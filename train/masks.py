@@ -58,25 +58,42 @@ class InloopMasks:
 
     def __init__(self, strategy: str, model: str, *, ratio: float, seed: int, rank: int,
                  source: str | None = None, block: int | None = None, options: dict | None = None,
-                 device="cpu", epochs: int = 1, img_size: int | None = None):
+                 device="cpu", epochs: int = 1, img_size: int | None = None, score_cache: int = 0,
+                 score_cache_dir: str | None = None, loader=None):
+        """score_cache: --score-cache K (0: the exact path), the mask server's cache in this process
+        (maskserver/score_cache.py); it needs the trainer's `loader` for the crops' geometry and the
+        reference views."""
         self.strategy, self.ratio, self.seed, self.rank = strategy, ratio, seed, rank
         self.block, self.options, self.epochs = block, options or {}, epochs
         self.teacher = Teacher(model, source or default_source(strategy),
                                strategy=strategy, block=block, projector_hidden=None, device=device,
                                img_size=img_size)
         self.head_probs = None   # PLB's p for idm; None = uniform
+        self.loader, self.scores = loader, None
+        if score_cache:
+            from mimpipe.maskserver.score_cache import CachedMasks
+            self.scores = CachedMasks(self.teacher, strategy, table=loader.m.table, every=score_cache, block=block,
+                                      options=self.options, interpolation=loader.plan.cfg.interpolation, seed=seed,
+                                      folder=score_cache_dir)
 
     def get(self, batch) -> Masks:
         t0 = time.perf_counter()
         g = batch_generator(self.seed, batch.epoch, batch.step, self.rank, self.teacher.device)
-        out = self.teacher.compute(batch.images, self.strategy, ratio=self.ratio, generator=g,
-                                   progress=batch.epoch / self.epochs, head_probs=self.head_probs,
-                                   block=self.block, options=self.options)
+        version, step = self.teacher.version, self.teacher.step
+        if self.scores is None:
+            out = self.teacher.compute(batch.images, self.strategy, ratio=self.ratio, generator=g,
+                                       progress=batch.epoch / self.epochs, head_probs=self.head_probs,
+                                       block=self.block, options=self.options)
+        else:
+            ids = batch.sample_ids.numpy()
+            view = self.loader.plan.views(batch.epoch, ids)[0]
+            out, version, step = self.scores.masks(ids, view.crop, view.flip, batch.epoch, ratio=self.ratio,
+                                                   generator=g, progress=batch.epoch / self.epochs,
+                                                   head_probs=self.head_probs, whole_images=self.loader.whole_images)
         # masks and targets stay where the teacher made them (its GPU): no copy back and forth, and
         # no host sync, since the count of a FIXED_COUNT strategy is known without reading the mask
         fixed = len_keep_for(self.teacher.cfg.num_patches, self.ratio) if self.strategy in FIXED_COUNT else None
-        return Masks(out.mask, dict(out.extras), self.teacher.version, self.teacher.step,
-                     time.perf_counter() - t0, len_keep=fixed)
+        return Masks(out.mask, dict(out.extras), version, step, time.perf_counter() - t0, len_keep=fixed)
 
     def sync(self, step: int, student: torch.nn.Module, ema: torch.nn.Module) -> None:
         """online: the student's current weights (only what the strategy reads); momentum: the EMA."""

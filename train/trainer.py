@@ -97,6 +97,8 @@ class TrainConfig:
     credits: int = 4
     mask_timeout: float = 30.0
     mask_policy: str = "wait"
+    score_cache: int = 0             # in-loop: cached teacher scores, refreshed every K epochs (0 = exact)
+    score_cache_dir: str | None = None
     heartbeat: float = 1.0
     server_lut: bool = False         # the server runs --lut: it gets the EMA projector, sends t1/t2
     curve: str | None = None         # `mimpipe keys` folder: CURVE to the server (maskserver/keys.py client_curve)
@@ -148,13 +150,20 @@ def server_of(rank: int, servers: int, world: int) -> int:
 
 
 def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_hash: str,
-               cursor: tuple[int, int], device: torch.device, run_id: str | None = None):
+               cursor: tuple[int, int], device: torch.device, run_id: str | None = None, loader=None):
+    if (cfg.score_cache or cfg.score_cache_dir) and not cfg.masks.startswith("inloop:"):
+        raise ValueError(f"--score-cache/--score-cache-dir: for --masks inloop:<strategy>; with --masks "
+                         f"{cfg.masks!r} {'set them on the mask server' if '://' in cfg.masks else 'there is no teacher'}")
+    if cfg.score_cache_dir and not cfg.score_cache:
+        raise ValueError("--score-cache-dir without --score-cache K: the cache is off")
     if cfg.masks == "random":
         return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
     if cfg.masks.startswith("inloop:"):
         return InloopMasks(cfg.masks.split(":", 1)[1], cfg.model, ratio=cfg.mask_ratio, seed=cfg.seed,
                            rank=rank, source=cfg.teacher_source, epochs=cfg.epochs, device=device,
-                           img_size=cfg.img_size)
+                           img_size=cfg.img_size, score_cache=cfg.score_cache, loader=loader,
+                           score_cache_dir=None if cfg.score_cache_dir is None else
+                           str(Path(cfg.score_cache_dir) / f"rank{rank}"))
     if cfg.masks.startswith(("tcp://", "ipc://")):
         endpoints = cfg.masks.split(",")
         mine = server_of(rank, len(endpoints), world)
@@ -237,7 +246,8 @@ class Run:
                              f"cannot use a mask server yet: its plan has no resume offset; finish the epoch "
                              f"with the old layout, or resume at an epoch boundary")
         self.masks = make_masks(self.cfg, self.rank, self.world, self.mc.num_patches,
-                                self.loader.plan.hash, (self.epoch, self.step), self.device, self.run_id)
+                                self.loader.plan.hash, (self.epoch, self.step), self.device, self.run_id,
+                                loader=self.loader)
         if isinstance(self.masks, InloopMasks) and self.plb["p"] is not None:
             self.masks.head_probs = self.plb["p"].float()   # as the server passes its float64 p
 
@@ -656,6 +666,12 @@ def add_arguments(p) -> None:
     g.add_argument("--sync-every", type=positive_int, default=d.sync_every,
                    help="iterations between weight uploads to the mask teacher (default: 1 online, 10 momentum; "
                    "frozen: never)")
+    g.add_argument("--score-cache", type=nonneg_int, default=d.score_cache, metavar="K",
+                   help="with --masks inloop:gpa|idm|attmask: the mask server's score cache in this process "
+                        "(each image's teacher score on its whole view, resampled onto every crop, refreshed "
+                        "every K epochs; a frozen teacher: never); 0 = exact (docs/methods.md 8)")
+    g.add_argument("--score-cache-dir", default=d.score_cache_dir, metavar="DIR",
+                   help="keep the in-loop score cache memory-mapped in DIR/rankR")
     g.add_argument("--strategy", default=d.strategy, help="the mask server's strategy (which weights it needs)")
     g.add_argument("--credits", type=positive_int, default=d.credits, help="batches the server may send ahead")
     g.add_argument("--mask-timeout", type=positive_float, default=d.mask_timeout,

@@ -11,7 +11,10 @@ wraps them so the server can treat all strategies alike:
     out.len_keep     # [N] long, visible patches per image (varies only for amr 'sample', attmask)
     out.extras       # per-image side outputs: gpa -> {'gpa_target': [N, L]}, idm -> {'heads': [N]}
 
-Calling the Strategy checks that the `needs` fields are set, then calls `run`.
+Calling the Strategy checks that the `needs` fields are set, then calls `run`; gpa, idm and attmask
+are `cacheable`: run is `sample(score(inp))`, a deterministic per-patch score from the teacher
+(gpa: raw GPA of its head [N, 1, L]; idm: per-head cls attention [N, M, L]; attmask: its head mean
+[N, 1, L]) and the stochastic step after it, so a score cache can serve the score.
 `needs` tells the teacher to run only what is needed:
     'none'      random                nothing
     'embed'     sbam, amr             patch_embed(img) + pos_embed[:, 1:], [N, L, D] (no block)
@@ -34,7 +37,8 @@ from torch import Tensor
 
 from .amr import amr_mask, amr_ratios
 from .attmask import attmask_mask
-from .gpa import gpa_counts, gpa_mask, gpa_schedule, gpa_scores, gpa_target, head_recall, select_head
+from .gpa import (gpa_counts, gpa_mask, gpa_normalize, gpa_raw, gpa_schedule, gpa_scores, gpa_target, head_recall,
+                  select_head)
 from .idm import idm_mask
 from .masking import len_keep_for, mask_from_scores, pack_mask, unpack_mask
 from .plb import plb_accumulate, plb_sample, plb_update
@@ -83,22 +87,38 @@ def _amr(inp: MaskInputs, ratio: float, *, generator: torch.Generator, chunk: in
     return _out(amr_mask(sbam_salience(inp.embed, chunk=chunk), ratio, generator=generator, **opts))
 
 
-def _gpa(inp: MaskInputs, ratio: float, *, generator: torch.Generator, head: int = 11,
-         exclude_self_cls: bool = False, **alphas: float) -> Masked:
-    g = gpa_scores(inp.q, inp.k, head=head, exclude_self_cls=exclude_self_cls)
-    mask = gpa_mask(g, ratio, inp.progress, generator=generator, **alphas)
-    return _out(mask, gpa_target=gpa_target(g))
+# gpa, idm and attmask split into a score, a pure function of the teacher's output ([N, C, L]: what
+# a score cache (maskserver/score_cache.py) can store and resample onto another crop), and the
+# stochastic step that turns scores into a mask; run = sample(score(inp)), the exact path.
+def _gpa_score(inp: MaskInputs, *, head: int = 11, exclude_self_cls: bool = False) -> Tensor:
+    return gpa_raw(inp.q, inp.k, head=head, exclude_self_cls=exclude_self_cls).unsqueeze(1)
 
 
-def _idm(inp: MaskInputs, ratio: float, *, generator: torch.Generator) -> Masked:
-    M = inp.cls_attn.shape[1]
-    p = inp.head_probs if inp.head_probs is not None else torch.full((M,), 1.0 / M)
-    heads = plb_sample(p.to(generator.device), inp.N, generator=generator)
-    return _out(idm_mask(inp.cls_attn, heads, ratio), heads=heads)
+def _gpa_sample(scores: Tensor, ratio: float, *, generator: torch.Generator, progress: float = 0.0,
+                head_probs: Tensor | None = None, **alphas: float) -> Masked:
+    g = gpa_normalize(scores[:, 0].float())  # over the crop's own patches, as on the exact path
+    return _out(gpa_mask(g, ratio, progress, generator=generator, **alphas), gpa_target=gpa_target(g))
 
 
-def _attmask(inp: MaskInputs, ratio: float, *, generator: torch.Generator, **opts) -> Masked:
-    return _out(attmask_mask(inp.cls_attn.mean(dim=1), ratio, generator=generator, **opts))
+def _cls_attn_score(inp: MaskInputs) -> Tensor:
+    return inp.cls_attn
+
+
+def _idm_sample(scores: Tensor, ratio: float, *, generator: torch.Generator, progress: float = 0.0,
+                head_probs: Tensor | None = None) -> Masked:
+    N, M, _ = scores.shape
+    p = head_probs if head_probs is not None else torch.full((M,), 1.0 / M)
+    heads = plb_sample(p.to(generator.device), N, generator=generator)
+    return _out(idm_mask(scores.float(), heads, ratio), heads=heads)
+
+
+def _head_mean_score(inp: MaskInputs) -> Tensor:
+    return inp.cls_attn.mean(dim=1, keepdim=True)
+
+
+def _attmask_sample(scores: Tensor, ratio: float, *, generator: torch.Generator, progress: float = 0.0,
+                    head_probs: Tensor | None = None, **opts) -> Masked:
+    return _out(attmask_mask(scores[:, 0].float(), ratio, generator=generator, **opts))
 
 
 @dataclass(frozen=True)
@@ -106,24 +126,47 @@ class Strategy:
     name: str
     needs: str  # one of NEEDS
     block: int | None  # teacher block for 'qk' / 'cls_attn' (-1 = last); None = no block runs
-    run: Callable[..., Masked]  # run(inp: MaskInputs, ratio, *, generator, **options) -> Masked
+    run: Callable[..., Masked] | None = None  # run(inp: MaskInputs, ratio, *, generator, **options) -> Masked
+    # the split of a cacheable strategy (run is then their composition):
+    score: Callable[..., Tensor] | None = None  # score(inp, **score options) -> [N, C, L]
+    sample: Callable[..., Masked] | None = None  # sample(scores, ratio, *, generator, progress, head_probs, **rest)
+    score_options: tuple[str, ...] = ()  # the options `score` takes; the others go to `sample`
+
+    def __post_init__(self):
+        if (self.run is None) == (self.score is None or self.sample is None):
+            raise ValueError(f"strategy {self.name!r}: give run, or score and sample")
+
+    @property
+    def cacheable(self) -> bool:
+        return self.score is not None
+
+    def split_options(self, options: dict) -> tuple[dict, dict]:
+        """(score options, sample options) of a cacheable strategy."""
+        return ({k: v for k, v in options.items() if k in self.score_options},
+                {k: v for k, v in options.items() if k not in self.score_options})
 
     def __call__(self, inp: MaskInputs, ratio: float, *, generator: torch.Generator, **options) -> Masked:
-        """`run` after checking that the teacher filled the fields this strategy needs."""
+        """The mask of `inp`, after checking that the teacher filled the fields this strategy needs."""
         missing = [f for f in NEEDS[self.needs] if getattr(inp, f) is None]
         if missing:
             raise ValueError(f"strategy {self.name!r} needs MaskInputs.{', '.join(missing)} "
                              f"(needs={self.needs!r}); the teacher did not provide it")
-        return self.run(inp, ratio, generator=generator, **options)
+        if self.run is not None:
+            return self.run(inp, ratio, generator=generator, **options)
+        so, rest = self.split_options(options)
+        return self.sample(self.score(inp, **so), ratio, generator=generator, progress=inp.progress,
+                           head_probs=inp.head_probs, **rest)
 
 
 STRATEGIES: dict[str, Strategy] = {
     "random": Strategy("random", "none", None, _random),
     "sbam": Strategy("sbam", "embed", None, _sbam),
     "amr": Strategy("amr", "embed", None, _amr),
-    "gpa": Strategy("gpa", "qk", 9, _gpa),  # b9h11: the paper's few-shot pick and the code default
-    "idm": Strategy("idm", "cls_attn", -1, _idm),
-    "attmask": Strategy("attmask", "cls_attn", -1, _attmask),
+    # b9h11: the paper's few-shot pick and the code default
+    "gpa": Strategy("gpa", "qk", 9, score=_gpa_score, sample=_gpa_sample,
+                    score_options=("head", "exclude_self_cls")),
+    "idm": Strategy("idm", "cls_attn", -1, score=_cls_attn_score, sample=_idm_sample),
+    "attmask": Strategy("attmask", "cls_attn", -1, score=_head_mean_score, sample=_attmask_sample),
 }
 
 
@@ -138,6 +181,6 @@ __all__ = [
     "NEEDS", "STRATEGIES", "MaskInputs", "Masked", "Strategy", "get_strategy",
     "mask_from_scores", "len_keep_for", "pack_mask", "unpack_mask", "random_mask",
     "sbam_salience", "sbam_mask", "amr_ratios", "amr_mask",
-    "gpa_scores", "gpa_schedule", "gpa_counts", "gpa_mask", "gpa_target", "head_recall", "select_head",
+    "gpa_raw", "gpa_normalize", "gpa_scores", "gpa_schedule", "gpa_counts", "gpa_mask", "gpa_target", "head_recall", "select_head",
     "idm_mask", "plb_sample", "plb_update", "plb_accumulate", "attmask_mask",
 ]

@@ -30,13 +30,22 @@ def gpa_per_head(q: Tensor, k: Tensor, *, exclude_self_cls: bool = False) -> Ten
     return (q_sum * k_patch).sum(-1) / q.shape[-1] ** 0.5
 
 
+def gpa_raw(q: Tensor, k: Tensor, *, head: int, exclude_self_cls: bool = False) -> Tensor:
+    """Raw GPA [N, L] of one head (head=-1: the sum of all heads' raw GPA)."""
+    a = gpa_per_head(q, k, exclude_self_cls=exclude_self_cls)
+    return a.sum(dim=1) if head == -1 else a[:, head]
+
+
+def gpa_normalize(a: Tensor) -> Tensor:
+    """Per-image min-max of raw GPA [N, L] -> g in [0, 1] (of the patches present: a crop's own)."""
+    a_min, a_max = a.amin(dim=1, keepdim=True), a.amax(dim=1, keepdim=True)
+    return (a - a_min) / (a_max - a_min + EPS)
+
+
 def gpa_scores(q: Tensor, k: Tensor, *, head: int, exclude_self_cls: bool = False) -> Tensor:
     """Normalized GPA g [N, L] in [0, 1] of one head (head=-1: sum of all heads' raw GPA first).
     q, k: [N, H, 1 + L, dh] of block b* (default (9, 11), chosen by the caller)."""
-    a = gpa_per_head(q, k, exclude_self_cls=exclude_self_cls)
-    a = a.sum(dim=1) if head == -1 else a[:, head]
-    a_min, a_max = a.amin(dim=1, keepdim=True), a.amax(dim=1, keepdim=True)
-    return (a - a_min) / (a_max - a_min + EPS)
+    return gpa_normalize(gpa_raw(q, k, head=head, exclude_self_cls=exclude_self_cls))
 
 
 def gpa_schedule(t: float, alpha_h0: float = 0.0, alpha_hT: float = 0.5,
