@@ -251,21 +251,28 @@ class CachedMasks:
         if self.teacher.kind != "frozen":
             self.cache.invalidate()
 
-    def masks(self, ids: np.ndarray, crop: np.ndarray, flip: np.ndarray, epoch: int, *, ratio: float,
-              generator: torch.Generator, progress: float, head_probs: Tensor | None,
-              whole_images) -> tuple[Masked, int, int]:
-        """Masks of a batch: ids [n], its first view's crop [n, 4] and flip [n]; whole_images(ids)
-        -> [m, 3, S, S] reference views (Loader.whole_images) for the entries due. Returns the
-        masks and the (version, step) of the oldest weights behind them."""
+    def scores(self, ids: np.ndarray, crop: np.ndarray, flip: np.ndarray, epoch: int,
+               whole_images) -> tuple[Tensor, int, int]:
+        """The cached scores of a batch resampled onto its crops: ids [n], its first view's crop
+        [n, 4] and flip [n]; whole_images(ids) -> [m, 3, S, S] reference views (Loader.whole_images),
+        called for the entries due. Returns [n, C, L] on the teacher's device and the (version,
+        step) of the oldest weights behind them."""
         ids = np.asarray(ids, np.int64)
         todo = np.unique(ids[self.cache.due(ids, epoch)])
         if len(todo):
             scores = self.teacher.scores(whole_images(todo), self.strategy, block=self.block, options=self.options)
             step = self.teacher.step if self.teacher.step is not None else -1
             self.cache.put(todo, scores.cpu(), epoch, self.teacher.version, step)   # host sync (GPU teacher)
-        dev = self.teacher.device
-        ref = self.cache.get(ids).to(dev)
-        scores = resample(ref, patch_centres(crop, flip, self.W[ids], self.H[ids], self.g))
+        ref = self.cache.get(ids).to(self.teacher.device)
+        out = resample(ref, patch_centres(crop, flip, self.W[ids], self.H[ids], self.g))
+        return out, int(self.cache.version[ids].min()), int(self.cache.step[ids].min())
+
+    def masks(self, ids: np.ndarray, crop: np.ndarray, flip: np.ndarray, epoch: int, *, ratio: float,
+              generator: torch.Generator, progress: float, head_probs: Tensor | None,
+              whole_images) -> tuple[Masked, int, int]:
+        """`scores`, then the strategy's stochastic step exactly as on the exact path: the masks and
+        the (version, step) of the oldest weights behind them."""
+        scores, version, step = self.scores(ids, crop, flip, epoch, whole_images)
         out = get_strategy(self.strategy).sample(scores, ratio, generator=generator, progress=progress,
                                                  head_probs=head_probs, **self.sample_options)
-        return out, int(self.cache.version[ids].min()), int(self.cache.step[ids].min())
+        return out, version, step
