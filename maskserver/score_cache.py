@@ -103,7 +103,8 @@ class CacheKey:
     teacher: str     # 'frozen:<sha256 of the file>' or the source kind
 
     def doc(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        """As JSON reads it back (tuples become lists), so a stored key compares equal."""
+        return json.loads(json.dumps(self.__dict__))
 
 
 def data_digest(table: np.ndarray) -> str:

@@ -455,8 +455,9 @@ class MaskServer:
                         loader = None
                     st.failed = f"rank {st.rank}: mask server worker failed: {e!r}"[:P.MAX_STR - 100]
                     self._put(st, gen, (gen, None, None, st.failed, None))  # in order, after its batches
-                    while gen == st.generation and not st.stop.is_set():
-                        st.stop.wait(0.1)
+                # failed, or done with the run's last epoch: nothing to make until a HELLO moves the cursor
+                while gen == st.generation and not st.stop.is_set():
+                    st.stop.wait(0.1)
         finally:
             if loader is not None:
                 loader.close()
@@ -467,7 +468,8 @@ class MaskServer:
         # cached scores need only the plan's crop boxes: nothing is decoded but the reference views
         # of entries due (LUT's targets still need the views)
         plan_only = self.scores is not None and not self.cfg.lut
-        while not st.stop.is_set() and gen == st.generation:
+        # past the run's last epoch (from HELLO) no batch will be asked for
+        while not st.stop.is_set() and gen == st.generation and (st.epochs is None or epoch < st.epochs):
             with closing(loader.plan.batches(epoch, step) if plan_only else loader.epoch(epoch, step)) as batches:
                 for batch in batches:
                     if st.stop.is_set() or gen != st.generation:
