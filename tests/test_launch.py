@@ -32,3 +32,14 @@ def test_launch_runs_two_gloo_ranks_on_one_server_and_stops_it(sample_ds, tmp_pa
     assert not any(x["fallback"] for x in r0 + r1) and r0[-1]["teacher_version"] >= 0
     assert "ready on" in (out / "maskserver-node0-0.log").read_text()
     assert "mask servers [0]" in r.stderr, r.stderr[-2000:]   # stopped cleanly after the trainers
+
+
+def test_the_servers_get_the_score_cache_and_a_folder_each():
+    from mimpipe.tools.cli import parse_args
+    from mimpipe.tools.launch import server_argv
+    t = parse_args(["train", "--shards", "s3://b/ds", "--model", MODEL, "--strategy", "gpa",
+                    "--teacher-source", "frozen:/w/mae.pth"])
+    argv = [str(a) for a in server_argv(t, [0, 1], 4, "tcp://h:5555", "cuda:2", 2, 4, "/c/node1-server0")]
+    assert argv[argv.index("--score-cache") + 1] == "4" and argv[argv.index("--score-cache-dir") + 1] == \
+        "/c/node1-server0" and argv[argv.index("--source") + 1] == "frozen:/w/mae.pth"
+    assert "--score-cache" not in server_argv(t, [0], 1, "tcp://h:5555", "cpu", 1)

@@ -44,6 +44,11 @@ def add_arguments(p) -> None:
     p.add_argument("--server-devices", default=None, help="one per server, e.g. cuda:6,cuda:7 or cpu "
                    "(default: the GPUs after the trainers', or cpu)")
     p.add_argument("--server-threads", type=positive_int, default=2, help="decoder threads per server rank")
+    p.add_argument("--score-cache", type=nonneg_int, default=0, metavar="K",
+                   help="the servers' score cache (mimpipe maskserver --score-cache K; 0 = exact)")
+    p.add_argument("--score-cache-dir", default=None, metavar="DIR",
+                   help="the servers' cache folders: DIR/nodeN-serverI (memory-mapped, reloaded by a requeued "
+                        "job for a frozen teacher)")
     p.add_argument("train", nargs=argparse.REMAINDER, help="-- then `mimpipe train` flags")
 
 
@@ -65,7 +70,8 @@ def server_devices(args, cuda: bool) -> list[str]:
     return [f"cuda:{args.nproc_per_node + i}" if cuda else "cpu" for i in range(args.servers)]
 
 
-def server_argv(t, ranks: list[int], world: int, bind: str, device: str, threads: int) -> list:
+def server_argv(t, ranks: list[int], world: int, bind: str, device: str, threads: int,
+                score_cache: int = 0, cache_dir: str | None = None) -> list:
     argv = ["--shards", t.shards, "--strategy", t.strategy, "--model", t.model, "--ratio", t.mask_ratio,
             "--world-size", world, "--ranks", ",".join(map(str, ranks)), "--bind", bind, "--device", device,
             "--epochs", t.epochs, "--heartbeat", t.heartbeat, "--threads", threads, "--decoder", t.decoder]
@@ -74,6 +80,8 @@ def server_argv(t, ranks: list[int], world: int, bind: str, device: str, threads
             argv += ["--" + name.replace("_", "-"), getattr(t, name)]
     if t.teacher_source:
         argv += ["--source", t.teacher_source]
+    if score_cache:
+        argv += ["--score-cache", score_cache, *(["--score-cache-dir", cache_dir] if cache_dir else [])]
     return argv + (["--lut"] if t.server_lut else [])
 
 
@@ -99,8 +107,9 @@ def main(args) -> int:
                 ranks = server_ranks(args.node_rank, i, args.nproc_per_node, args.servers, args.nnodes)
                 bind = endpoints[args.node_rank * args.servers + i]
                 logfile = out / f"maskserver-node{args.node_rank}-{i}.log"
-                servers.append(start_server(server_argv(t, ranks, world, bind, device, args.server_threads),
-                                            logfile))
+                cache_dir = args.score_cache_dir and f"{args.score_cache_dir}/node{args.node_rank}-server{i}"
+                servers.append(start_server(server_argv(t, ranks, world, bind, device, args.server_threads,
+                                                        args.score_cache, cache_dir), logfile))
                 log.info("mask server %d on %s, %s, ranks %s (log %s)", i, device, bind, ranks, logfile)
             train_argv = [*train_argv, "--masks", ",".join(endpoints)]
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc_per_node),
