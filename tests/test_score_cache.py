@@ -170,3 +170,28 @@ def test_the_server_and_the_training_loop_share_one_cache(sample_ds, frozen_ckpt
         served, inloop = rows(tmp_path / launch / "metrics.jsonl"), rows(tmp_path / "inloop" / "metrics.jsonl")
         assert [r["loss"] for r in served] == [r["loss"] for r in inloop]
         assert {r["teacher_version"] for r in served} == {0}
+
+
+@pytest.mark.parametrize("strategy,extra", [("idm", "heads"), ("attmask", None), ("gpa", "gpa_target")])
+def test_the_server_core_masks_a_planned_batch_from_the_cache(sample_ds, strategy, extra):
+    """The plan-only path: a PlannedBatch (crop boxes, no pixels) becomes MASKS with the strategy's
+    extras, stamped with the weights behind the cached scores, not the teacher's newer ones."""
+    from mimpipe.maskserver import protocol as P
+    from mimpipe.maskserver.server import MaskServer, ServerConfig
+    m = load_manifest(sample_ds)
+    t = Teacher(MODEL, "momentum", strategy=strategy, projector_hidden=None)
+    t.load_state({k: v.clone() for k, v in t._state().items() if k in t.held}, 3, 30)
+    loader = Loader(m, PlanConfig(batch_size=16, img_size=64), 0, decoder="pil", threads=1)
+    try:
+        cached = CachedMasks(t, strategy, table=m.table, every=2)
+        srv = MaskServer(ServerConfig(strategy), t, None, "ab" * 16, loader.steps, 0, 1, cached)
+        pb = loader.plan.batch(0, 1)
+        srv._masks(0, pb, loader)
+        t.load_state({k: v.clone() for k, v in t._state().items() if k in t.held}, 4, 40)
+        fields, arrays = srv._masks(0, pb, loader)   # its entries are fresh: no forward
+        msg = P.decode(P.encode(P.MASKS, {**fields, "seq": 0}, arrays))
+        assert msg.fields["teacher_version"] == 3 and msg.fields["teacher_step"] == 30
+        assert msg.fields["checksum"] == P.checksum(pb.sample_ids) and cached.cache.counts["forwards"] == 16
+        assert set(msg.arrays) == {"mask", "len_keep", *([extra] if extra else [])}
+    finally:
+        loader.close()
