@@ -51,7 +51,8 @@ def test_every_row_runs_or_says_why_not(report):
 def test_trainer_runs_have_finite_losses(report):
     rows = {row["row"]: row for row in report[0]["rows"]}
     runs = rows["trainer"]["runs"]
-    assert set(runs) == {"random", "inloop:sbam", "inloop:gpa --mam", "lut (src,src+color)", "mto"}
+    assert set(runs) == {"random", "inloop:sbam", "inloop:gpa --mam", "inloop:idm --score-cache 2",
+                         "lut (src,src+color)", "mto"}
     for name, run in runs.items():
         assert run["finite"] and math.isfinite(run["first_loss"]) and math.isfinite(run["last_loss"]), name
         assert run["steps"] == report[0]["config"]["steps"], name

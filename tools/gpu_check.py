@@ -4,8 +4,8 @@ On one GPU in at most ~8 minutes (`--budget-s`: rows not started by then are ski
 generates (tools/bench_loader.make_photos), with only torch + timm + msgpack required: every row
 whose dependency is missing (DALI, pyzmq, webdataset, CUDA) is reported as skipped with the reason.
 Rows: environment (mimpipe doctor's facts); decode (DALI mixed / DALI CPU / PIL); buffer_race;
-teacher_parity; trainer (random, inloop:sbam, inloop:gpa --mam, LUT, MTO); throughput; server (a
-mask server process on the same GPU feeding a trainer); resume. Prints a table and writes JSON to
+teacher_parity; trainer (random, inloop:sbam, inloop:gpa --mam, inloop:idm --score-cache 2, LUT,
+MTO); throughput; server (a mask server process on the same GPU feeding a trainer); resume. Prints a table and writes JSON to
 `--out` (default $OUT/gpu-check.json when OUT is set, else runs/gpu-check.json).
 
 `--device cpu --model mae_vit_micro_patch8_64 --small` is the dry run the test suite runs
@@ -111,6 +111,8 @@ def trainer_runs() -> dict[str, dict]:
     return {"random": {"masks": "random"},
             "inloop:sbam": {"masks": "inloop:sbam", "strategy": "sbam"},
             "inloop:gpa --mam": {"masks": "inloop:gpa", "strategy": "gpa", "mam": LOSSES["mam"].weight},
+            # the score cache's device path: reference views, teacher scores, grid_sample on the GPU
+            "inloop:idm --score-cache 2": {"masks": "inloop:idm", "strategy": "idm", "score_cache": 2},
             "lut (src,src+color)": {"lut": LOSSES["lut"].weight, "views": "src,src+color"},
             "mto": {"mto": LOSSES["mto"].weight}}
 
