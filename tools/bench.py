@@ -14,6 +14,7 @@ STAGES = {
     "knn": "mimpipe.tools.bench_knn",
     "remote": "mimpipe.tools.bench_remote",
     "sync": "mimpipe.tools.bench_sync",
+    "cache": "mimpipe.tools.bench_cache",
 }
 
 
