@@ -48,7 +48,8 @@ def test_run_tiny(sample_ds, tmp_path, capsys):
     p = argparse.ArgumentParser()
     bench_cache.add_arguments(p)
     args = p.parse_args(["--shards", str(sample_ds), "--checkpoint", str(tmp_path / "missing.pt"),
-                         "--epochs", "1", "--steps", "1", "--batches", "1", "--vit-b-batches", "0"])
+                         "--epochs", "1", "--steps", "1", "--batches", "1", "--vit-b-batches", "0",
+                         "--served-epochs", "2"])
     r = bench_cache.run(args)
     assert "not found" in capsys.readouterr().err
     assert json.loads(json.dumps(r)) == r
@@ -85,6 +86,10 @@ def test_run_tiny(sample_ds, tmp_path, capsys):
         assert x["bytes_per_image"] == r["storage"]["mae_vit_tiny_patch8_64"][s]["bytes_per_image"]
     assert r["storage"]["mae_vit_base_patch16"]["idm"]["bytes_per_image"] == 12 * 14 * 14 * 2 + 20
     assert r["storage"]["mae_vit_base_patch16"]["gpa"]["imagenet_bytes"] == (14 * 14 * 2 + 20) * 1_281_167
+
+    sv = r["served"]   # real server processes, 2 epochs each: the cached one skips decoding after epoch 0
+    assert len(sv["exact"]) == len(sv["cached"]) == 2 and all(v > 0 for v in sv["exact"] + sv["cached"])
+    assert sv["ratio_after_first_epoch"] == sv["cached"][1] / sv["exact"][1]
 
     text = bench_cache.table(r)
     assert "not found" in text and "E=800" in text and "attmask" in text

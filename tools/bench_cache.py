@@ -44,6 +44,9 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=positive_int, default=8, help="fidelity batches of 64 per epoch (default 8)")
     p.add_argument("--batches", type=positive_int, default=5,
                    help="timed batches per path, --model at batch 64 (default 5)")
+    p.add_argument("--served-epochs", type=nonneg_int, default=3,
+                   help="epochs a real mask server process serves exact and cached gpa masks to a client that "
+                        "takes them as fast as it can (default 3; 0 skips)")
     p.add_argument("--vit-b-batches", type=nonneg_int, default=2,
                    help="timed batches per path, ViT-B/16 at 224 px, batch 8 (default 2; 0 skips it)")
 
@@ -290,8 +293,55 @@ def run(args) -> dict:
             g = torch.Generator().manual_seed(3)
             res["cost"]["vit_b"] = cost(model, batch, args.vit_b_batches, table, ids, view,
                                         lambda i: torch.randn(len(i), 3, S, S, generator=g))
+    if args.served_epochs:
+        res["served"] = served(args, m, cfg)
     res["storage"] = storage((args.model, VIT_B[0]))
     return json.loads(json.dumps(res, allow_nan=False))
+
+
+def served(args, m, cfg) -> dict:
+    """A mask server process (core 1, one thread) with a frozen gpa teacher, exact and with
+    --score-cache 1, feeding a MaskClient in this process that asks for every batch in turn: the
+    whole server path, crop decoding (exact) or none (cached) included. img/s per epoch; epoch 0
+    of the cached server computes every score."""
+    import tempfile
+    from mimpipe.maskserver.client import MaskClient
+    from mimpipe.pipeline.plan import Plan, PlanConfig
+    from mimpipe.tools.procs import start_server, stop
+    from mimpipe.tools.gpu_check import free_port
+    plan = Plan(m, PlanConfig(seed=0, batch_size=64, img_size=cfg.img_size), 0)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = args.checkpoint   # its student ('model'), as frozen:PATH reads a mimpipe checkpoint
+        if not weights.exists():
+            weights = Path(tmp) / "fresh.pt"
+            torch.save(seeded_model(args.model, encoder_only=True).state_dict(), weights)
+        for name, extra in (("exact", []), ("cached", ["--score-cache", 1])):
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            server = start_server(["--shards", args.shards, "--strategy", "gpa", "--model", args.model,
+                                   "--source", f"frozen:{weights}", "--bind", endpoint, "--threads", 1,
+                                   "--batch-size", 64, "--epochs", args.served_epochs, "--max-ahead", 8, *extra],
+                                  Path(tmp) / f"{name}.log", core=1)
+            client = MaskClient(endpoint, rank=0, world_size=1, plan_hash=plan.hash, num_patches=cfg.num_patches,
+                                ratio=RATIO, seed=0, credits=8, mask_timeout=300, policy="fail", heartbeat=1.0,
+                                run_id=f"bench-{name}", restart_id=name,
+                                run={"strategy": "gpa", "model": args.model, "source": "frozen", "ratio": RATIO,
+                                     "lut": False, "targets": [], "epochs": args.served_epochs})
+            try:
+                per = []
+                for e in range(args.served_epochs):
+                    t0 = time.perf_counter()
+                    for step in range(plan.steps):
+                        client.get(e, step, plan.batch(e, step).sample_ids)
+                    per.append(plan.steps * 64 / (time.perf_counter() - t0))
+            finally:
+                client.close()
+                stop(server)
+            out[name] = per
+    later = slice(1, None)
+    out["ratio_after_first_epoch"] = (sum(out["cached"][later]) / sum(out["exact"][later])
+                                      if args.served_epochs > 1 else None)
+    return out
 
 
 # ---- the table ----
@@ -336,6 +386,15 @@ def table(r: dict) -> str:
                  "the cached one never does); refresh: decode of the whole image (tiny: real loader, ViT-B: random)",
                  "+ teacher score + store; k: momentum, each image refreshed once per k epochs; E: frozen, once in",
                  "E epochs; amortized = 1 / (1/cached + 1/(k or E x refresh)); feeds = img/s / student img/s"]
+    if "served" in r:
+        sv = r["served"]
+        rows += ["", "served: a mask server process (one core, one thread), frozen gpa, batch 64, to a client taking "
+                     "every batch in turn"]
+        rows += [f"  {k:<7}" + "  ".join(f"epoch {e}: {v:,.0f} img/s" for e, v in enumerate(sv[k]))
+                 for k in ("exact", "cached")]
+        if sv["ratio_after_first_epoch"] is not None:
+            rows.append(f"  cached / exact after the first epoch: {sv['ratio_after_first_epoch']:.1f}x (the exact "
+                        f"server decodes every crop, the cached one none)")
     rows += ["", "cache size: C x G x G float16 + 20 B per image (gpa, attmask C = 1; idm C = heads)"]
     for model, per in r["storage"].items():
         rows.append(f"  {model:<24}" + "  ".join(

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 import mimpipe
+from mimpipe.tools.procs import free_port
 from mimpipe.tools.gpu_rows import (CheckConfig, Skip, buffer_race, clock, decode, environment, has, need,
                                     teacher_parity, throughput)
 
@@ -129,12 +129,6 @@ def trainer(cfg: CheckConfig, data: Path) -> dict:
              f"data wait {r['data_wait_s'] * 1e3:.1f} ms ({r['decoder']})" for n, r in res.items()]
     return {"summary": lines + [f"{n}: skipped, time budget spent" for n in late], "runs": res, "skipped_runs": late,
             "failed": f"non-finite losses in {bad}" if bad else None}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server(cfg: CheckConfig, data: Path) -> dict:
