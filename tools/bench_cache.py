@@ -307,8 +307,7 @@ def served(args, m, cfg) -> dict:
     import tempfile
     from mimpipe.maskserver.client import MaskClient
     from mimpipe.pipeline.plan import Plan, PlanConfig
-    from mimpipe.tools.procs import start_server, stop
-    from mimpipe.tools.gpu_check import free_port
+    from mimpipe.tools.procs import free_port, start_server, stop
     plan = Plan(m, PlanConfig(seed=0, batch_size=64, img_size=cfg.img_size), 0)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
