@@ -252,6 +252,14 @@ class CachedMasks:
         if self.teacher.kind != "frozen":
             self.cache.invalidate()
 
+    def prefetch(self, ids: np.ndarray, epoch: int, whole_images):
+        """Decode the reference views of the entries due now, before the caller takes the teacher's
+        lock (a server's ranks then decode in parallel); -> a whole_images for `scores` that hands
+        them out, or decodes whatever else is asked (entries emptied meanwhile by a new run)."""
+        todo = np.unique(np.asarray(ids, np.int64)[self.cache.due(ids, epoch)])
+        images = whole_images(todo) if len(todo) else None
+        return lambda want: images if images is not None and np.array_equal(want, todo) else whole_images(want)
+
     def scores(self, ids: np.ndarray, crop: np.ndarray, flip: np.ndarray, epoch: int,
                whole_images) -> tuple[Tensor, int, int]:
         """The cached scores of a batch resampled onto its crops: ids [n], its first view's crop

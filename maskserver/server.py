@@ -493,6 +493,11 @@ class MaskServer:
         g = batch_generator(self.seed, batch.epoch, batch.step, rank, self.teacher.device)
         ids = np.asarray(batch.sample_ids)
         n = len(ids)
+        whole = loader.whole_images if loader is not None else None
+        if self.scores is not None and self.teacher.version >= 0:
+            # the reference views of the cache entries due, decoded outside the teacher's lock (first
+            # weights swapped in under it still work: those entries are decoded there)
+            whole = self.scores.prefetch(ids, batch.epoch, whole)
         with self.lock:
             w = self.pending
             if w is not None and w.version > self.teacher.version:
@@ -525,7 +530,7 @@ class MaskServer:
                     out, version, tstep = self.scores.masks(ids, view.crop, view.flip, batch.epoch,
                                                             ratio=self.cfg.ratio, generator=g,
                                                             progress=batch.epoch / self.cfg.epochs,
-                                                            head_probs=head_probs, whole_images=loader.whole_images)
+                                                            head_probs=head_probs, whole_images=whole)
                 out_mask, len_keep, extras = out.mask, out.len_keep, dict(out.extras)
                 if self.cfg.lut and batch.view2 is not None and version >= 0:
                     extras["lut_t1"], extras["lut_t2"] = self.teacher.lut_targets(batch.images, batch.view2)

@@ -186,12 +186,16 @@ def test_the_server_core_masks_a_planned_batch_from_the_cache(sample_ds, strateg
         cached = CachedMasks(t, strategy, table=m.table, every=2)
         srv = MaskServer(ServerConfig(strategy), t, None, "ab" * 16, loader.steps, 0, 1, cached)
         pb = loader.plan.batch(0, 1)
+        decoded, whole_images = [], loader.whole_images
+        loader.whole_images = lambda ids: decoded.append(len(ids)) or whole_images(ids)
         srv._masks(0, pb, loader)
+        assert decoded == [16]   # once, before the teacher's lock, for the entries due
         t.load_state({k: v.clone() for k, v in t._state().items() if k in t.held}, 4, 40)
         fields, arrays = srv._masks(0, pb, loader)   # its entries are fresh: no forward
         msg = P.decode(P.encode(P.MASKS, {**fields, "seq": 0}, arrays))
         assert msg.fields["teacher_version"] == 3 and msg.fields["teacher_step"] == 30
         assert msg.fields["checksum"] == P.checksum(pb.sample_ids) and cached.cache.counts["forwards"] == 16
+        assert decoded == [16]
         assert set(msg.arrays) == {"mask", "len_keep", *([extra] if extra else [])}
     finally:
         loader.close()
