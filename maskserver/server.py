@@ -493,11 +493,13 @@ class MaskServer:
         g = batch_generator(self.seed, batch.epoch, batch.step, rank, self.teacher.device)
         ids = np.asarray(batch.sample_ids)
         n = len(ids)
-        whole = loader.whole_images if loader is not None else None
-        if self.scores is not None and self.teacher.version >= 0:
-            # the reference views of the cache entries due, decoded outside the teacher's lock (first
-            # weights swapped in under it still work: those entries are decoded there)
-            whole = self.scores.prefetch(ids, batch.epoch, whole)
+        whole = None
+        if self.scores is not None:
+            whole = loader.whole_images
+            if self.teacher.version >= 0:
+                # the reference views of the cache entries due, decoded outside the teacher's lock (first
+                # weights swapped in under it still work: those entries are decoded there)
+                whole = self.scores.prefetch(ids, batch.epoch, whole)
         with self.lock:
             w = self.pending
             if w is not None and w.version > self.teacher.version:
