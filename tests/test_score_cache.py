@@ -153,7 +153,7 @@ def test_the_server_and_the_training_loop_share_one_cache(sample_ds, frozen_ckpt
     train(TrainConfig(out=str(tmp_path / "inloop"), masks="inloop:gpa", score_cache=1, **common))
     folder, stats = tmp_path / "cache", tmp_path / "stats.json"
     server_args = ["--source", source, "--score-cache", 1, "--score-cache-dir", folder, "--epochs", 2,
-                   "--stats-file", stats, "--stats-every", 0.3, "--heartbeat", 0.5]
+                   "--stats-file", stats, "--stats-every", 0.3]   # heartbeat 1 s, as the trainer's
     for launch in ("first", "restarted"):
         endpoint = f"ipc://{tmp_path}/ms-{launch}"
         server = start_server(sample_ds, endpoint, tmp_path / f"{launch}.log", world_size=1, batch_size=16,
