@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mimpipe.maskserver.strategies import Masked, get_strategy
+from mimpipe.maskserver.strategies import STRATEGIES, Masked, get_strategy
 from mimpipe.pipeline.plan import hash_u64
 
 log = logging.getLogger("mimpipe.maskserver")
@@ -90,6 +90,17 @@ def due(stamp: np.ndarray, epoch: int, every: int | None, phase: np.ndarray | No
 
 
 # ---- storage ----
+def score_channels(strategy: str, cfg) -> int:
+    """C of a strategy's stored score: idm keeps every head (PLB draws one per image), gpa and
+    attmask one map."""
+    return cfg.num_heads if strategy == "idm" else 1
+
+
+def bytes_per_image(channels: int, grid: int) -> int:
+    """C x G x G float16 scores, then the int32 epoch and int64 version and step of the entry."""
+    return channels * grid * grid * 2 + 4 + 8 + 8
+
+
 @dataclass(frozen=True)
 class CacheKey:
     """What the stored scores depend on besides the weights."""
@@ -130,7 +141,7 @@ class ScoreCache:
         if every is not None and every < 1:
             raise ValueError(f"score cache: refresh every {every} epochs; must be >= 1 (or never)")
         self.n, self.C, self.G, self.every, self.key = n, channels, grid, every, key
-        self.bytes_per_image = channels * grid * grid * 2 + 4 + 8 + 8
+        self.bytes_per_image = bytes_per_image(channels, grid)
         total = n * self.bytes_per_image
         if folder is None and total > MEMORY_LIMIT:
             raise ValueError(f"score cache: {n} images x {self.bytes_per_image} B = {total / 2**30:.1f} GiB, more "
@@ -229,8 +240,7 @@ class CachedMasks:
         s = get_strategy(strategy)
         if not s.cacheable:
             raise ValueError(f"--score-cache: strategy {strategy!r} has no per-patch score to cache; it works "
-                             f"for {', '.join(n for n in ('gpa', 'idm', 'attmask'))} (sbam/amr need only the "
-                             f"patch embedding: no block to save)")
+                             f"for {', '.join(n for n, x in STRATEGIES.items() if x.cacheable)}")
         from mimpipe.maskserver.teacher import strategy_options
         self.teacher, self.strategy, self.block = teacher, strategy, block
         self.options = strategy_options(strategy, teacher.cfg, options)
@@ -242,9 +252,8 @@ class CachedMasks:
         key = CacheKey(teacher.model, strategy, block, tuple(sorted(score_options.items())), cfg.img_size,
                        interpolation, data_digest(table),
                        f"frozen:{file_digest(teacher.source.partition(':')[2])}" if frozen else teacher.kind)
-        channels = cfg.num_heads if strategy == "idm" else 1
-        self.cache = ScoreCache(len(table), channels, self.g, key=key, every=None if frozen else every,
-                                seed=seed, folder=folder, reload=frozen)
+        self.cache = ScoreCache(len(table), score_channels(strategy, cfg), self.g, key=key,
+                                every=None if frozen else every, seed=seed, folder=folder, reload=frozen)
 
     def reset(self) -> None:
         """A new run or launch took the teacher (Teacher.reset): entries of other weights go, a frozen
@@ -252,11 +261,16 @@ class CachedMasks:
         if self.teacher.kind != "frozen":
             self.cache.invalidate()
 
+    def _due(self, ids: np.ndarray, epoch: int) -> np.ndarray:
+        """The distinct ids of the batch whose entries are due in `epoch`."""
+        ids = np.asarray(ids, np.int64)
+        return np.unique(ids[self.cache.due(ids, epoch)])
+
     def prefetch(self, ids: np.ndarray, epoch: int, whole_images):
         """Decode the reference views of the entries due now, before the caller takes the teacher's
         lock (a server's ranks then decode in parallel); -> a whole_images for `scores` that hands
         them out, or decodes whatever else is asked (entries emptied meanwhile by a new run)."""
-        todo = np.unique(np.asarray(ids, np.int64)[self.cache.due(ids, epoch)])
+        todo = self._due(ids, epoch)
         images = whole_images(todo) if len(todo) else None
         return lambda want: images if images is not None and np.array_equal(want, todo) else whole_images(want)
 
@@ -267,7 +281,7 @@ class CachedMasks:
         called for the entries due. Returns [n, C, L] on the teacher's device and the (version,
         step) of the oldest weights behind them."""
         ids = np.asarray(ids, np.int64)
-        todo = np.unique(ids[self.cache.due(ids, epoch)])
+        todo = self._due(ids, epoch)
         if len(todo):
             scores = self.teacher.scores(whole_images(todo), self.strategy, block=self.block, options=self.options)
             step = self.teacher.step if self.teacher.step is not None else -1

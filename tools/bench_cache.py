@@ -78,12 +78,6 @@ def amortized(cached: float, refresh: float, k: float) -> float:
     return 1 / (1 / cached + 1 / (k * refresh))
 
 
-def cache_bytes(cfg, strategy: str) -> int:
-    """ScoreCache.bytes_per_image: C x G x G float16 scores + stamp, version, step."""
-    G = cfg.img_size // cfg.patch_size
-    return (cfg.num_heads if strategy == "idm" else 1) * G * G * 2 + 20
-
-
 def _mean(xs) -> float | None:
     xs = np.asarray(xs, np.float64)
     xs = xs[~np.isnan(xs)]
@@ -111,9 +105,10 @@ def teacher(model: str, strategy: str, state: dict | None = None):
 
 
 def teacher_states(args) -> dict:
+    from mimpipe.train.model import read_checkpoint
     out = {}
     if args.checkpoint.exists():
-        out["trained"] = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["ema"]
+        out["trained"] = read_checkpoint(str(args.checkpoint), "ema")
     else:   # stderr: --json promises one object on stdout
         print(f"{args.checkpoint}: not found; measuring the fresh teacher only", file=sys.stderr)
     out["fresh"] = seeded_model(args.model, encoder_only=True).state_dict()
@@ -255,9 +250,16 @@ def cost(model: str, batch: int, reps: int, table, ids, view, whole_images) -> d
 
 
 def storage(models) -> dict:
+    """Bytes per image as ScoreCache allocates them, and for ImageNet-1k."""
+    from mimpipe.maskserver.score_cache import bytes_per_image, score_channels
     from mimpipe.train.model import model_config
-    return {model: {s: {"bytes_per_image": (b := cache_bytes(model_config(model), s)), "imagenet_bytes": b * IMAGENET}
-                    for s in STRATEGIES} for model in dict.fromkeys(models)}
+    out = {}
+    for model in dict.fromkeys(models):
+        cfg = model_config(model)
+        G = cfg.img_size // cfg.patch_size
+        out[model] = {s: {"bytes_per_image": (b := bytes_per_image(score_channels(s, cfg), G)),
+                          "imagenet_bytes": b * IMAGENET} for s in STRATEGIES}
+    return out
 
 
 def run(args) -> dict:
