@@ -279,18 +279,20 @@ class CachedMasks:
         """The cached scores of a batch resampled onto its crops: ids [n], its first view's crop
         [n, 4] and flip [n]; whole_images(ids) -> [m, 3, S, S] reference views (Loader.whole_images),
         called for the entries due. Returns [n, C, L] on the teacher's device and the (version,
-        step) of the oldest weights behind them."""
+        step) of the oldest weights behind them (step None, as Teacher.step, where they have none:
+        a frozen teacher)."""
         ids = np.asarray(ids, np.int64)
         todo = self._due(ids, epoch)
         if len(todo):
             scores = self.teacher.scores(whole_images(todo), self.strategy, block=self.block, options=self.options)
-            step = self.teacher.step if self.teacher.step is not None else -1
+            step = -1 if self.teacher.step is None else self.teacher.step   # stored: -1 = none
             self.cache.put(todo, scores.cpu(), epoch, self.teacher.version, step)   # host sync (GPU teacher)
         # host to device: n x C x G x G float16 (gpa ViT-B, batch 256: 100 KB) from pageable memory,
         # a copy the host waits for, but no wait on queued GPU work
         ref = self.cache.get(ids).to(self.teacher.device)
         out = resample(ref, patch_centres(crop, flip, self.W[ids], self.H[ids], self.g))
-        return out, int(self.cache.version[ids].min()), int(self.cache.step[ids].min())
+        step = int(self.cache.step[ids].min())
+        return out, int(self.cache.version[ids].min()), step if step >= 0 else None
 
     def masks(self, ids: np.ndarray, crop: np.ndarray, flip: np.ndarray, epoch: int, *, ratio: float,
               generator: torch.Generator, progress: float, head_probs: Tensor | None,

@@ -514,7 +514,7 @@ class MaskServer:
                                                                       f"rejected by the teacher: {e}").frames()))
                 self.pending = None
             version = self.teacher.version
-            tstep = self.teacher.step if self.teacher.step is not None else -1
+            tstep = self.teacher.step
             strategy = get_strategy(self.cfg.strategy)
             if version < 0 and strategy.needs != "none":
                 # no weights yet: random masks from CPU noise, the draws of the client's own fallback
@@ -542,7 +542,7 @@ class MaskServer:
             arrays[k] = v.to(torch.int64) if k == "heads" else v.to(torch.float16)
         fields = {"rank": rank, "epoch": batch.epoch, "step": batch.step,
                   "checksum": P.checksum(ids), "n": n, "num_patches": self.num_patches,
-                  "teacher_version": version, "teacher_step": tstep}
+                  "teacher_version": version, "teacher_step": -1 if tstep is None else tstep}   # -1: no step
         return fields, arrays
 
     # ---- stats ----

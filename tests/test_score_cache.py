@@ -170,6 +170,9 @@ def test_the_server_and_the_training_loop_share_one_cache(sample_ds, frozen_ckpt
         served, inloop = rows(tmp_path / launch / "metrics.jsonl"), rows(tmp_path / "inloop" / "metrics.jsonl")
         assert [r["loss"] for r in served] == [r["loss"] for r in inloop]
         assert {r["teacher_version"] for r in served} == {0}
+        # a frozen teacher has no student step: no staleness on either path (the in-loop cache once
+        # reported its stored -1 as step -1, a staleness growing with every iteration)
+        assert {r["staleness"] for r in served + inloop} == {None}
 
 
 @pytest.mark.parametrize("strategy,extra", [("idm", "heads"), ("attmask", None), ("gpa", "gpa_target")])
@@ -194,6 +197,7 @@ def test_the_server_core_masks_a_planned_batch_from_the_cache(sample_ds, strateg
         fields, arrays = srv._masks(0, pb, loader)   # its entries are fresh: no forward
         msg = P.decode(P.encode(P.MASKS, {**fields, "seq": 0}, arrays))
         assert msg.fields["teacher_version"] == 3 and msg.fields["teacher_step"] == 30
+        assert cached.scores(pb.sample_ids, pb.views[0].crop, pb.views[0].flip, 0, None)[1:] == (3, 30)
         assert msg.fields["checksum"] == P.checksum(pb.sample_ids) and cached.cache.counts["forwards"] == 16
         assert decoded == [16]
         assert set(msg.arrays) == {"mask", "len_keep", *([extra] if extra else [])}
