@@ -29,7 +29,9 @@ TypeError naming it.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -130,7 +132,6 @@ class Strategy:
     # the split of a cacheable strategy (run is then their composition):
     score: Callable[..., Tensor] | None = None  # score(inp, **score options) -> [N, C, L]
     sample: Callable[..., Masked] | None = None  # sample(scores, ratio, *, generator, progress, head_probs, **rest)
-    score_options: tuple[str, ...] = ()  # the options `score` takes; the others go to `sample`
 
     def __post_init__(self):
         if (self.run is None) == (self.score is None or self.sample is None):
@@ -139,6 +140,12 @@ class Strategy:
     @property
     def cacheable(self) -> bool:
         return self.score is not None
+
+    @cached_property
+    def score_options(self) -> tuple[str, ...]:
+        """The options `score` takes (its keyword-only parameters); the others go to `sample`."""
+        params = inspect.signature(self.score).parameters.values() if self.score is not None else ()
+        return tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
 
     def split_options(self, options: dict) -> tuple[dict, dict]:
         """(score options, sample options) of a cacheable strategy."""
@@ -163,8 +170,7 @@ STRATEGIES: dict[str, Strategy] = {
     "sbam": Strategy("sbam", "embed", None, _sbam),
     "amr": Strategy("amr", "embed", None, _amr),
     # b9h11: the paper's few-shot pick and the code default
-    "gpa": Strategy("gpa", "qk", 9, score=_gpa_score, sample=_gpa_sample,
-                    score_options=("head", "exclude_self_cls")),
+    "gpa": Strategy("gpa", "qk", 9, score=_gpa_score, sample=_gpa_sample),
     "idm": Strategy("idm", "cls_attn", -1, score=_cls_attn_score, sample=_idm_sample),
     "attmask": Strategy("attmask", "cls_attn", -1, score=_head_mean_score, sample=_attmask_sample),
 }
@@ -181,6 +187,7 @@ __all__ = [
     "NEEDS", "STRATEGIES", "MaskInputs", "Masked", "Strategy", "get_strategy",
     "mask_from_scores", "len_keep_for", "pack_mask", "unpack_mask", "random_mask",
     "sbam_salience", "sbam_mask", "amr_ratios", "amr_mask",
-    "gpa_raw", "gpa_normalize", "gpa_scores", "gpa_schedule", "gpa_counts", "gpa_mask", "gpa_target", "head_recall", "select_head",
+    "gpa_raw", "gpa_normalize", "gpa_scores", "gpa_schedule", "gpa_counts", "gpa_mask", "gpa_target",
+    "head_recall", "select_head",
     "idm_mask", "plb_sample", "plb_update", "plb_accumulate", "attmask_mask",
 ]
