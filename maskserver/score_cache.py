@@ -228,6 +228,12 @@ class ScoreCache:
 
 
 # ---- the path from a planned crop to a mask ----
+def check_flags(every: int, folder) -> None:
+    """--score-cache K / --score-cache-dir as the server and the trainer take them."""
+    if folder and not every:
+        raise ValueError("--score-cache-dir without --score-cache K: the cache is off")
+
+
 class CachedMasks:
     """A teacher's masks through a ScoreCache: what the mask server and the in-loop trainer both use
     with --score-cache, so the two compare like for like."""

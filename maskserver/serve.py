@@ -219,14 +219,13 @@ def main(args: argparse.Namespace) -> int:
         return Loader(manifest, plan_cfg, rank, decoder=args.decoder, threads=args.threads, prefetch=2,
                       device="gpu" if gpu else "cpu", device_id=gpu_id)
 
+    from mimpipe.maskserver.score_cache import CachedMasks, check_flags
+    check_flags(args.score_cache, args.score_cache_dir)
     scores = None
     if args.score_cache:
-        from mimpipe.maskserver.score_cache import CachedMasks
         scores = CachedMasks(teacher, args.strategy, table=manifest.table, every=args.score_cache, block=args.block,
                              options=dict(cfg.options), interpolation=plan_cfg.interpolation, seed=plan_cfg.seed,
                              folder=args.score_cache_dir)
-    elif args.score_cache_dir:
-        raise ValueError("--score-cache-dir without --score-cache K: the cache is off")
     server = MaskServer(cfg, teacher, make_loader, plan.hash, plan.steps, plan_cfg.seed, args.world_size, scores)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -203,3 +203,13 @@ def test_the_server_core_masks_a_planned_batch_from_the_cache(sample_ds, strateg
         assert set(msg.arrays) == {"mask", "len_keep", *([extra] if extra else [])}
     finally:
         loader.close()
+
+
+def test_cache_flags_without_a_cache_or_a_teacher_are_refused(sample_ds):
+    from mimpipe.train.trainer import make_masks
+    for kw, why in ((dict(masks="inloop:gpa", score_cache_dir="d"), "without --score-cache K"),
+                    (dict(masks="tcp://127.0.0.1:5555", score_cache=2), "set them on the mask server"),
+                    (dict(masks="random", score_cache=2), "there is no teacher")):
+        with pytest.raises(ValueError, match=why):
+            make_masks(TrainConfig(shards=str(sample_ds), model=MODEL, **kw), 0, 1, 64, "ab" * 16, (0, 0),
+                       torch.device("cpu"))

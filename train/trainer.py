@@ -38,6 +38,7 @@ from mimpipe.train.checkpoint import load_checkpoint, save_checkpoint
 from mimpipe.train.device import DEVICES, choose_device
 from mimpipe.train.losses import LOSSES, per_head_loss_stats
 from mimpipe.train.masks import InloopMasks, RandomMasks, ServerMasks, StopRequested
+from mimpipe.maskserver.score_cache import check_flags
 from mimpipe.maskserver.teacher import default_source
 from mimpipe.train.mask_quality import MaskQuality, foreground
 from mimpipe.train.metrics import LossAccumulator, MetricsLog, Progress, StepTimer, plot_curves
@@ -154,8 +155,7 @@ def make_masks(cfg: TrainConfig, rank: int, world: int, num_patches: int, plan_h
     if (cfg.score_cache or cfg.score_cache_dir) and not cfg.masks.startswith("inloop:"):
         raise ValueError(f"--score-cache/--score-cache-dir: for --masks inloop:<strategy>; with --masks "
                          f"{cfg.masks!r} {'set them on the mask server' if '://' in cfg.masks else 'there is no teacher'}")
-    if cfg.score_cache_dir and not cfg.score_cache:
-        raise ValueError("--score-cache-dir without --score-cache K: the cache is off")
+    check_flags(cfg.score_cache, cfg.score_cache_dir)
     if cfg.masks == "random":
         return RandomMasks(num_patches, cfg.mask_ratio, cfg.seed, rank)
     if cfg.masks.startswith("inloop:"):
